@@ -1,0 +1,182 @@
+"""Command-line interface: thin Typer commands that validate input and call one library function.
+
+User mistakes (MesaError) become a one-line error on stderr and exit code 2; a diverged run exits 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mesacli.errors import MesaError
+
+app = typer.Typer(
+    name="mesacli",
+    help="Reproduce and extend 'Uncovering mesa-optimization algorithms in Transformers' (arXiv 2309.05858).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+# Not on a terminal (CI logs, pipes) rich would wrap tables at 80 columns: give it room.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _user_errors(fn: Callable) -> Callable:
+    """Turn MesaError into 'error: ...' and exit code 2 (1 for a diverged run); Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from mesacli.train import TrainingDiverged
+
+        try:
+            return fn(*args, **kwargs)
+        except TrainingDiverged as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except MesaError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _loss_table(title: str, rows: list[tuple[str, object]], positions=(1, 5, 10, 25, 50)) -> Table:
+    """rows: (name, per-position curve, extra columns dict)."""
+    import numpy as np
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("model / baseline")
+    table.add_column("params", justify="right")
+    table.add_column("steps", justify="right")
+    table.add_column("time", justify="right")
+    table.add_column("test loss (seq. avg)", justify="right", style="bold")
+    for t in positions:
+        table.add_column(f"t={t}", justify="right")
+    for name, row in rows:
+        curve = np.asarray(row["curve"])
+        cells = [f"{curve[t - 1]:.4f}" if t <= len(curve) else "-" for t in positions]
+        table.add_row(
+            name,
+            f"{row['params']:,}" if row.get("params") else "-",
+            str(row["steps"]) if row.get("steps") else "-",
+            f"{row['seconds']:.0f}s" if row.get("seconds") else "-",
+            f"{float(np.mean(curve)):.4f}",
+            *cells,
+        )
+    return table
+
+
+@app.command()
+@_user_errors
+def train(
+    spec_path: Path = typer.Argument(..., metavar="SPEC.yaml", help="Experiment spec (see experiments/)."),
+    overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
+                                        help="Override a spec value, e.g. --set model.layers=4 (repeatable)."),
+    run_dir: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<spec name>)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved spec, then stop."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    stop_at: Optional[int] = typer.Option(None, hidden=True, help="End the session after this step (testing)."),
+):
+    """Train a model on a synthetic sequence task; resumes if RUN_DIR already has checkpoints."""
+    from mesacli.spec import load_spec, spec_to_yaml
+
+    spec = load_spec(spec_path, overrides)
+    if dry_run:
+        console.print(spec_to_yaml(spec), highlight=False, markup=False)
+        return
+    from mesacli.model import count_params
+    from mesacli.train import train as run_training
+
+    run_dir = run_dir or Path("runs") / spec.name
+    result = run_training(spec, run_dir, stop_at_step=stop_at, progress=progress)
+    if result.resumed_from is not None:
+        console.print(f"resumed from step {result.resumed_from}")
+    if result.interrupted or result.step < spec.train.steps:
+        console.print(f"stopped at step {result.step} of {spec.train.steps}; "
+                      f"run the same command again to resume from {run_dir}")
+        if result.interrupted:
+            raise typer.Exit(130)
+        return
+    console.print(_loss_table(f"{spec.name} ({run_dir})", [(spec.name, {
+        "curve": result.eval_curve, "params": count_params(result.params), "steps": result.step,
+        "seconds": result.seconds})], positions=_positions(spec.task.seq_len)))
+    console.print(f"outputs: {run_dir}/metrics.jsonl, eval_curve.json, loss_per_position.png, training_curve.png")
+
+
+def _positions(seq_len: int) -> tuple[int, ...]:
+    return tuple(sorted({1, 5, 10, seq_len // 2, seq_len}))
+
+
+@app.command("eval")
+@_user_errors
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `mesacli train`."),
+    step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the latest)."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also evaluate GD-1 and ridge LSQ."),
+):
+    """Evaluate a checkpoint on the spec's fixed test batches (per-position loss), with baselines."""
+    import numpy as np
+
+    from mesacli import baselines as bl
+    from mesacli.checkpoint import dump_json
+    from mesacli.train import load_params, make_evaluator, make_mesh
+
+    spec, params, at_step = load_params(run_dir, step)
+    curve = make_evaluator(spec, make_mesh())(params)
+    rows = [(f"{spec.name} @ {at_step}", {"curve": curve, "steps": at_step})]
+    out = {"step": at_step, "seq_avg_loss": float(np.mean(curve)), "per_position_loss": curve.tolist()}
+    if baselines:
+        curves, eta = bl.baseline_curves(spec)
+        rows += [(name, {"curve": c}) for name, c in curves.items()]
+        out["baselines"] = {name: c.tolist() for name, c in curves.items()}
+        out["gd1_eta"] = eta
+    dump_json(Path(run_dir) / f"eval_step{at_step}.json", out)
+    console.print(_loss_table(f"{spec.name}: test loss", rows, positions=_positions(spec.task.seq_len)))
+
+
+@app.command()
+@_user_errors
+def quickstart(
+    out_dir: Path = typer.Option(Path("runs/quickstart"), help="Where the two quick-start runs are written."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """The embedded default job (a few minutes on a laptop CPU): LSA-1 and Mesa-1 against GD-1 and ridge LSQ."""
+    from mesacli.quickstart import run_quickstart
+
+    rows = run_quickstart(out_dir, progress=progress)
+    table = _loss_table("quick start: next-token test loss on linear dynamics (T=50, constructed tokens)",
+                        [(r.name, {"curve": r.curve, "params": r.params, "steps": r.steps, "seconds": r.seconds})
+                         for r in rows])
+    console.print(table)
+    console.print(f"results: {out_dir}/quickstart.json, figure: {out_dir}/comparison.png")
+
+
+@app.command()
+def specs():
+    """List the experiment specs shipped in experiments/ and what each reproduces."""
+    table = Table(title=f"specs in {EXPERIMENTS_DIR}", title_justify="left")
+    table.add_column("spec")
+    table.add_column("reproduces")
+    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
+        first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        table.add_row(path.name, first)
+    console.print(table)
+
+
+def main() -> None:
+    app(prog_name="mesacli")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

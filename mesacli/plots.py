@@ -1,0 +1,50 @@
+"""Figures (matplotlib, Agg backend): per-position loss curves and training curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def per_position_plot(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
+    """Test loss against position t (log scale), one line per model or baseline."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        curve = np.asarray(curve)
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=f"{name} (mean {curve.mean():.4f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("position t")
+    ax.set_ylabel("test loss  ½‖s_{t+1} − f_t‖²")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def training_plot(metrics_path: Path, path: Path, title: str) -> None:
+    """Train loss (and eval loss where logged) against step, from metrics.jsonl."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train, strict=False), label="train loss", alpha=0.7)
+    if evals:
+        ax.plot(*zip(*evals, strict=False), "o-", label="test loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

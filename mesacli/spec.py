@@ -1,0 +1,354 @@
+"""Experiment specs: frozen dataclasses loaded strictly from YAML.
+
+A spec has three sections, ``task`` (the data), ``model`` (the Transformer) and ``train``
+(optimiser, schedule, checkpoints).  Loading is strict: an unknown key is an error with a
+did-you-mean hint, a value of the wrong type is an error, and shapes that cannot work
+together (e.g. constructed tokens that do not fit the embedding) are rejected before any
+JAX work starts.  ``--set section.key=value`` overrides are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesacli.errors import MesaError
+
+TASK_KINDS = ("linear", "partial", "nonlinear", "contracting", "fixed_teacher")
+ATTENTION_KINDS = ("linear", "softmax", "mesa")
+FIRST_LAYER_KINDS = ("linear", "softmax", "mesa", "softmax_pe")
+MESA_IMPLS = ("sequential",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """Synthetic sequence task (paper-spec section 1). Defaults: fully observed linear dynamics.
+
+    h_{t+1} = clip(W* f(h_t) + sigma_h eps), s_t = C* h_t + sigma_s eps, a fresh W* (and C*) per
+    sequence.  Inputs are s_1..s_T, targets s_2..s_{T+1}.
+    """
+
+    kind: str = "linear"  # linear | partial | nonlinear | contracting | fixed_teacher
+    state_dim: int = 10  # n_h
+    obs_dim: int = 10  # n_s (must equal state_dim unless kind == partial)
+    seq_len: int = 50  # T
+    init_dist: str = "uniform"  # uniform: h_1 ~ U(-s, s) as in the authors' code; normal: N(0, s^2) as in the paper
+    init_scale: float = 1.0
+    state_noise: float = 0.01  # std of the transition noise
+    obs_noise: float = 0.0  # std of the observation noise (0.01 for partial in the authors' code)
+    obs_matrix_std: float = 0.5  # C*_ij ~ obs_matrix_std * N(0, 1) (partial only)
+    state_clip: float = 10.0  # states are clipped to [-state_clip, state_clip] after every transition
+    mlp_hidden: int = 40  # n_m of the nonlinear teacher MLP*
+    mlp_scale: float = 1.1  # A, B ~ mlp_scale * N(0, 1), fixed for all sequences
+    mlp_seed: int = 421  # A from PRNGKey(mlp_seed), B from PRNGKey(mlp_seed + 1)
+    eig_low: float = 0.3  # contracting: 9 eigenvalues ~ U[eig_low, eig_high] plus one at eig_high
+    eig_high: float = 0.9
+    teacher_seed: int = 42  # fixed_teacher: W* = orthogonal(PRNGKey(teacher_seed))
+    token_format: str = "constructed"  # raw: e_t = s_t; constructed: e_t = [0, s_t, s_t, s_{t-1}]
+    mask_slots: tuple[int, ...] = ()  # constructed slots set to zero (the 1-layer models use [0, 1])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Transformer stack (paper-spec section 2). ``layers`` blocks; block 1 is ``first_layer``."""
+
+    layers: int = 1
+    attention: str = "linear"  # linear | softmax | mesa: the type of blocks 2..layers
+    first_layer: str | None = None  # type of block 1 (softmax_pe: PE concatenated to q/k input); None = attention
+    num_heads: int = 2
+    key_size: int = 20
+    embed_dim: int = 40
+    input_proj: bool = False  # Dense token_dim -> embed_dim (no bias); else tokens must have embed_dim
+    output_proj: bool = False  # Dense embed_dim -> obs_dim (no bias); else read slot 0 (first obs_dim dims)
+    mlp: bool = False  # GELU MLP after each attention block
+    mlp_hidden: int = 300
+    layer_norm: bool = False  # pre-LayerNorm on the attention and MLP inputs
+    qk_norm: bool = False  # L2-normalise q and k in blocks 2..layers (the nonlinear models)
+    act_clip: float | None = None  # clip the residual stream to [-c, c] after every block
+    init_std: float = 0.05  # weights ~ N(0, init_std^2)
+    mesa_lambda_init: float = 1.0  # per-head lambda of the mesa-layer
+    mesa_impl: str = "sequential"  # sequential: Sherman-Morrison scan
+
+    def layer_kinds(self) -> tuple[str, ...]:
+        first = self.first_layer or self.attention
+        return (first,) + (self.attention,) * (self.layers - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """Online training: AdamW, a fresh batch every step, Orbax checkpoints."""
+
+    steps: int = 5000
+    batch_size: int = 256
+    lr: float = 1e-4  # peak learning rate
+    schedule: str = "constant"  # constant | warmup_cosine
+    warmup_steps: int = 1000
+    decay_steps: int = 30000  # warmup_cosine: cosine from peak to end_lr, reached at decay_steps
+    end_lr: float = 1e-5
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    grad_clip_kind: str = "elementwise"  # elementwise (authors' code: optax.clip) | global_norm (paper text)
+    seed: int = 0  # init key and data stream: fold_in(seed, step)
+    eval_seed: int = 12345  # fixed test batches
+    eval_batches: int = 10
+    eval_every: int = 500
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    name: str = "experiment"
+    description: str = ""
+    task: TaskSpec = TaskSpec()
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+
+    @property
+    def token_dim(self) -> int:
+        return (4 if self.task.token_format == "constructed" else 1) * self.task.obs_dim
+
+
+# ----------------------------------------------------------------------------- YAML loading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-4 (no dot) as a float, as people write it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise MesaError(f"{source}: YAML syntax error{where}: {problem}") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except MesaError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise MesaError(f"{path}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MesaError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MesaError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise MesaError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise MesaError(f"{path}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    raise TypeError(f"unsupported spec field type {_type_name(tp)}")  # a bug in this module
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    where = f"{path}: " if path else ""
+    if not isinstance(data, dict):
+        raise MesaError(f"{where}expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean '{(path + '.') if path else ''}{close[0]}'?)" if close else ""
+            raise MesaError(f"unknown spec key '{full}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise MesaError(f"--set {assignment!r}: expected KEY=VALUE, e.g. model.layers=4")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    value = parse_yaml(raw, f"--set {dotted}") if raw.strip() else None
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise MesaError(f"--set {dotted}: '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def spec_from_dict(data: Any, overrides: typing.Sequence[str] = ()) -> Spec:
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise MesaError(f"a spec must be a mapping of sections, got {type(data).__name__}")
+    data = _deepcopy(data)
+    for assignment in overrides:
+        _apply_override(data, assignment)
+    spec = _build(Spec, data, "")
+    validate(spec)
+    return spec
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
+
+
+def load_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> Spec:
+    path = Path(path)
+    if not path.is_file():
+        raise MesaError(f"spec file not found: {path}")
+    return spec_from_dict(parse_yaml(path.read_text(), str(path)), overrides)
+
+
+def spec_to_dict(spec: Spec) -> dict:
+    def convert(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(dataclasses.asdict(spec))
+
+
+def spec_to_yaml(spec: Spec) -> str:
+    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
+
+
+def spec_diff(a: Spec, b: Spec) -> list[str]:
+    """Dotted keys whose values differ between two specs."""
+    da, db = spec_to_dict(a), spec_to_dict(b)
+    out = []
+    for section in da:
+        if isinstance(da[section], dict):
+            for key in da[section]:
+                if da[section][key] != db[section][key]:
+                    out.append(f"{section}.{key}: {da[section][key]!r} -> {db[section][key]!r}")
+        elif da[section] != db[section]:
+            out.append(f"{section}: {da[section]!r} -> {db[section]!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _choice(value: str, allowed: typing.Sequence[str], path: str) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise MesaError(f"{path}: '{value}' is not one of {', '.join(allowed)}{hint}")
+
+
+def _positive(value: float, path: str) -> None:
+    if value <= 0:
+        raise MesaError(f"{path}: must be positive, got {value}")
+
+
+def validate(spec: Spec) -> None:
+    """Reject values and shape combinations that cannot work, with a one-line reason."""
+    task, model, train = spec.task, spec.model, spec.train
+    _choice(task.kind, TASK_KINDS, "task.kind")
+    _choice(task.init_dist, ("uniform", "normal"), "task.init_dist")
+    _choice(task.token_format, ("raw", "constructed"), "task.token_format")
+    _choice(model.attention, ATTENTION_KINDS, "model.attention")
+    if model.first_layer is not None:
+        _choice(model.first_layer, FIRST_LAYER_KINDS, "model.first_layer")
+    _choice(model.mesa_impl, MESA_IMPLS, "model.mesa_impl")
+    _choice(train.schedule, ("constant", "warmup_cosine"), "train.schedule")
+    _choice(train.grad_clip_kind, ("elementwise", "global_norm"), "train.grad_clip_kind")
+    for path, value in [
+        ("task.state_dim", task.state_dim), ("task.obs_dim", task.obs_dim), ("task.seq_len", task.seq_len),
+        ("task.mlp_hidden", task.mlp_hidden), ("model.layers", model.layers), ("model.num_heads", model.num_heads),
+        ("model.key_size", model.key_size), ("model.embed_dim", model.embed_dim),
+        ("model.mlp_hidden", model.mlp_hidden), ("model.init_std", model.init_std),
+        ("train.steps", train.steps), ("train.batch_size", train.batch_size), ("train.lr", train.lr),
+        ("train.eval_batches", train.eval_batches), ("train.eval_every", train.eval_every),
+        ("train.log_every", train.log_every), ("train.checkpoint_every", train.checkpoint_every),
+        ("train.keep_checkpoints", train.keep_checkpoints),
+    ]:
+        _positive(value, path)
+    for path, value in [("task.state_noise", task.state_noise), ("task.obs_noise", task.obs_noise),
+                        ("train.weight_decay", train.weight_decay), ("train.warmup_steps", train.warmup_steps)]:
+        if value < 0:
+            raise MesaError(f"{path}: must be >= 0, got {value}")
+    if model.act_clip is not None:
+        _positive(model.act_clip, "model.act_clip")
+    if train.grad_clip is not None:
+        _positive(train.grad_clip, "train.grad_clip")
+    if task.kind != "partial" and task.obs_dim != task.state_dim:
+        raise MesaError(
+            f"task.obs_dim ({task.obs_dim}) must equal task.state_dim ({task.state_dim}) "
+            f"unless task.kind is 'partial'"
+        )
+    if task.kind == "contracting" and not 0 < task.eig_low <= task.eig_high < 1:
+        raise MesaError("task.eig_low/eig_high: need 0 < eig_low <= eig_high < 1 for contracting dynamics")
+    if task.mask_slots and task.token_format != "constructed":
+        raise MesaError("task.mask_slots only applies to task.token_format: constructed")
+    for slot in task.mask_slots:
+        if not 0 <= slot < 4:
+            raise MesaError(f"task.mask_slots: slot {slot} does not exist (constructed tokens have slots 0-3)")
+    if not model.input_proj and spec.token_dim != model.embed_dim:
+        fmt = "constructed tokens [0, s_t, s_t, s_{t-1}]" if task.token_format == "constructed" else "raw tokens"
+        raise MesaError(
+            f"model.embed_dim ({model.embed_dim}) must equal the token size ({spec.token_dim}: {fmt} "
+            f"of task.obs_dim {task.obs_dim}) when model.input_proj is false"
+        )
+    if not model.output_proj and model.embed_dim < task.obs_dim:
+        raise MesaError(
+            f"model.embed_dim ({model.embed_dim}) is smaller than task.obs_dim ({task.obs_dim}): "
+            f"the prediction is read from the first obs_dim dimensions; set model.output_proj: true"
+        )
+    if "softmax_pe" in model.layer_kinds() and model.embed_dim % 2:
+        raise MesaError(f"model.embed_dim ({model.embed_dim}) must be even for sinusoidal encodings (softmax_pe)")
+    if train.schedule == "warmup_cosine" and train.decay_steps <= train.warmup_steps:
+        raise MesaError("train.decay_steps must be larger than train.warmup_steps")

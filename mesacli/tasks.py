@@ -1,0 +1,123 @@
+"""Synthetic sequence tasks (paper-spec section 1), generated on device and stateless.
+
+Every batch is a pure function of a PRNG key; training uses ``fold_in(data_key, step)``, evaluation
+``fold_in(PRNGKey(eval_seed), i)``.  A new teacher W* (and C*) is drawn for every sequence.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mesacli.spec import Spec, TaskSpec
+
+
+class Batch(NamedTuple):
+    tokens_BTI: jax.Array  # model inputs e_1..e_T
+    targets_BTS: jax.Array  # s_2..s_{T+1}
+    obs_BTS: jax.Array  # s_1..s_T (the raw observations behind the tokens)
+
+
+class Teacher(NamedTuple):
+    """One sequence's generative model: h' = W f(h) + noise, s = C h + noise."""
+
+    w_HH: jax.Array
+    c_SH: jax.Array
+
+
+def nonlinear_mlp_weights(task: TaskSpec) -> tuple[jax.Array, jax.Array]:
+    """The fixed teacher MLP* of the nonlinear task: A (n_m x n_h) and B (n_h x n_m)."""
+    a = task.mlp_scale * jax.random.normal(jax.random.PRNGKey(task.mlp_seed), (task.mlp_hidden, task.state_dim))
+    b = task.mlp_scale * jax.random.normal(jax.random.PRNGKey(task.mlp_seed + 1), (task.state_dim, task.mlp_hidden))
+    return a, b
+
+
+def teacher_features(task: TaskSpec, h_H: jax.Array) -> jax.Array:
+    """f*(h): identity, or the unit-norm teacher MLP output B GELU(A h) / ||.|| for the nonlinear task."""
+    if task.kind != "nonlinear":
+        return h_H
+    a, b = nonlinear_mlp_weights(task)
+    m = b @ jax.nn.gelu(a @ h_H, approximate=False)
+    return m / jnp.linalg.norm(m)
+
+
+def sample_teacher(key: jax.Array, task: TaskSpec) -> Teacher:
+    n = task.state_dim
+    key_w, key_c, key_eig, key_perm = jax.random.split(key, 4)
+    if task.kind == "fixed_teacher":
+        w = jax.random.orthogonal(jax.random.PRNGKey(task.teacher_seed), n)
+    elif task.kind == "contracting":
+        # W = U diag(lambda) U^{-1}: 9 eigenvalues ~ U[low, high] plus one at high, in random order.
+        eig = jax.random.uniform(key_eig, (n,), minval=task.eig_low, maxval=task.eig_high).at[0].set(task.eig_high)
+        eig = jax.random.permutation(key_perm, eig)
+        u = jax.random.normal(key_w, (n, n))
+        w = u @ jnp.diag(eig) @ jnp.linalg.inv(u)
+    else:
+        w = jax.random.orthogonal(key_w, n)  # Haar-random orthogonal
+    if task.kind == "partial":
+        c = task.obs_matrix_std * jax.random.normal(key_c, (task.obs_dim, n))
+    else:
+        c = jnp.eye(n)
+    return Teacher(w, c)
+
+
+def sample_sequence(key: jax.Array, task: TaskSpec) -> tuple[Teacher, jax.Array]:
+    """Observations s_1..s_{T+1} of one sequence, shape [T+1, n_s]."""
+    key_teacher, key_h1, key_noise, key_obs = jax.random.split(key, 4)
+    teacher = sample_teacher(key_teacher, task)
+    n = task.state_dim
+    clip = 2.0 if task.kind == "contracting" else task.state_clip
+    if task.init_dist == "uniform":
+        h1 = jax.random.uniform(key_h1, (n,), minval=-task.init_scale, maxval=task.init_scale)
+    else:
+        h1 = task.init_scale * jax.random.normal(key_h1, (n,))
+    noise_TH = task.state_noise * jax.random.normal(key_noise, (task.seq_len, n))
+
+    def transition(h, eps):
+        h_next = jnp.clip(teacher.w_HH @ teacher_features(task, h) + eps, -clip, clip)
+        return h_next, h_next
+
+    _, h_rest = jax.lax.scan(transition, h1, noise_TH)
+    h_all = jnp.concatenate([h1[None], h_rest], axis=0)  # [T+1, n_h]
+    s_all = h_all @ teacher.c_SH.T
+    if task.obs_noise > 0:
+        s_all = s_all + task.obs_noise * jax.random.normal(key_obs, s_all.shape)
+    return teacher, s_all
+
+
+def make_tokens(task: TaskSpec, obs_BTS: jax.Array) -> jax.Array:
+    """Raw tokens e_t = s_t, or constructed tokens e_t = [0, s_t, s_t, s_{t-1}] (s_0 = 0) with masked slots zeroed."""
+    if task.token_format == "raw":
+        return obs_BTS
+    prev = jnp.pad(obs_BTS, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+    slots = [jnp.zeros_like(obs_BTS), obs_BTS, obs_BTS, prev]
+    slots = [jnp.zeros_like(s) if i in task.mask_slots else s for i, s in enumerate(slots)]
+    return jnp.concatenate(slots, axis=-1)
+
+
+def sample_batch(key: jax.Array, spec: Spec, batch_size: int) -> Batch:
+    keys = jax.random.split(key, batch_size)
+    _, s_all = jax.vmap(lambda k: sample_sequence(k, spec.task))(keys)
+    obs = s_all[:, :-1]
+    return Batch(make_tokens(spec.task, obs), s_all[:, 1:], obs)
+
+
+def train_batch_key(spec: Spec, step: int | jax.Array) -> jax.Array:
+    data_key = jax.random.fold_in(jax.random.PRNGKey(spec.train.seed), 1)
+    return jax.random.fold_in(data_key, step)
+
+
+def eval_batch_key(spec: Spec, index: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.PRNGKey(spec.train.eval_seed), index)
+
+
+def per_position_loss(pred_BTS: jax.Array, target_BTS: jax.Array) -> jax.Array:
+    """Paper Eq. 1 without the time average: (1/2B) sum_b ||s_{t+1} - f_t||^2, shape [T]."""
+    return 0.5 * jnp.mean(jnp.sum((pred_BTS - target_BTS) ** 2, axis=-1), axis=0)
+
+
+def sequence_loss(pred_BTS: jax.Array, target_BTS: jax.Array) -> jax.Array:
+    """Paper Eq. 1: half squared error summed over dimensions, averaged over batch and time."""
+    return jnp.mean(per_position_loss(pred_BTS, target_BTS))

@@ -1,0 +1,342 @@
+"""Online training: one jitted ``train_step`` on a ("data",) mesh, Orbax checkpoints, resume.
+
+Randomness: params from ``fold_in(PRNGKey(seed), 0)``; the batch of step s from
+``fold_in(fold_in(PRNGKey(seed), 1), s)``, generated on device inside the step.  A run resumed
+from a checkpoint therefore follows exactly the curve of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mesacli import model, tasks
+from mesacli.checkpoint import Checkpoints, dump_json
+from mesacli.errors import MesaError
+from mesacli.spec import Spec, TrainSpec, load_spec, spec_diff, spec_to_dict, spec_to_yaml
+
+SPEC_FILE = "spec.yaml"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval_curve.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainingDiverged(MesaError):
+    """The loss or the parameters became non-finite; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------- optimiser, mesh
+
+
+def make_schedule(train: TrainSpec) -> optax.Schedule:
+    if train.schedule == "constant":
+        return optax.constant_schedule(train.lr)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train.lr, warmup_steps=train.warmup_steps,
+        decay_steps=train.decay_steps, end_value=train.end_lr,
+    )
+
+
+def make_optimizer(train: TrainSpec) -> optax.GradientTransformation:
+    """clip (element-wise as the authors' code, or global norm) then AdamW."""
+    parts = []
+    if train.grad_clip is not None:
+        clip = optax.clip(train.grad_clip) if train.grad_clip_kind == "elementwise" else optax.clip_by_global_norm(
+            train.grad_clip
+        )
+        parts.append(clip)
+    parts.append(optax.adamw(make_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                             weight_decay=train.weight_decay))
+    return optax.chain(*parts)
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """One ("data",) axis over all devices: params replicated, batch sharded."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.array(devices), ("data",))
+
+
+def check_batch_divides(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> None:
+    n = mesh.devices.size
+    if batch_size % n:
+        raise MesaError(f"{what} ({batch_size}) must be a multiple of the number of devices ({n})")
+
+
+# ----------------------------------------------------------------------------- state and step
+
+
+def init_state(spec: Spec, mesh: Mesh) -> dict:
+    params = model.init(jax.random.fold_in(jax.random.PRNGKey(spec.train.seed), 0), spec)
+    state = {"params": params, "opt_state": make_optimizer(spec.train).init(params), "step": jnp.array(0, jnp.int32)}
+    return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+
+
+def loss_fn(params, batch: tasks.Batch, spec: Spec):
+    pred, _ = model.apply(params, batch.tokens_BTI, spec)
+    return tasks.sequence_loss(pred, batch.targets_BTS)
+
+
+def make_train_step(spec: Spec, mesh: Mesh) -> Callable[[dict], tuple[dict, dict]]:
+    """The one jitted step: sample the step's batch on device (sharded over "data"), AdamW update."""
+    tx = make_optimizer(spec.train)
+    schedule = make_schedule(spec.train)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+
+    @partial(jax.jit, in_shardings=(replicated,), out_shardings=(replicated, replicated))
+    def train_step(state):
+        batch = tasks.sample_batch(tasks.train_batch_key(spec, state["step"]), spec, spec.train.batch_size)
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, spec)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
+                   "params_finite": finite}
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    return train_step
+
+
+def eval_batches(spec: Spec, batch_size: int | None = None) -> list[tasks.Batch]:
+    """The fixed test batches: keys fold_in(PRNGKey(eval_seed), i), i < eval_batches."""
+    size = batch_size or spec.train.batch_size
+    sample = jax.jit(lambda key: tasks.sample_batch(key, spec, size))
+    return [sample(tasks.eval_batch_key(spec, i)) for i in range(spec.train.eval_batches)]
+
+
+def make_evaluator(spec: Spec, mesh: Mesh) -> Callable[[Any], np.ndarray]:
+    """params -> per-position test loss [T], the mean over the fixed test batches."""
+    batches = eval_batches(spec)
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    batches = [jax.device_put(b, batch_sharding) for b in batches]
+
+    @jax.jit
+    def curve(params, batch):
+        pred, _ = model.apply(params, batch.tokens_BTI, spec)
+        return tasks.per_position_loss(pred, batch.targets_BTS)
+
+    def evaluate(params) -> np.ndarray:
+        return np.mean([np.asarray(curve(params, b)) for b in batches], axis=0)
+
+    return evaluate
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    spec: Spec
+    step: int
+    eval_curve: np.ndarray  # per-position test loss [T] of the final parameters
+    params: Any
+    seconds: float
+    resumed_from: int | None
+    interrupted: bool = False
+
+    @property
+    def eval_loss(self) -> float:
+        return float(np.mean(self.eval_curve))
+
+
+def prepare_run_dir(spec: Spec, run_dir: Path) -> None:
+    """Create a run directory, or check that an existing one was made with this exact spec."""
+    spec_path = run_dir / SPEC_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MesaError(f"run directory {run_dir} exists and is not a directory")
+    if spec_path.exists():
+        try:
+            stored = load_spec(spec_path)
+        except MesaError as err:
+            raise MesaError(f"run directory {run_dir} has an unreadable spec: {err}") from None
+        if stored != spec:
+            diff = "; ".join(spec_diff(stored, spec)[:4])
+            raise MesaError(
+                f"run directory {run_dir} was made with a different spec ({diff}); "
+                f"use another --run-dir or the same spec"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise MesaError(f"{run_dir} is not empty and is not a mesacli run directory (no {SPEC_FILE})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not spec_path.exists():
+        tmp = spec_path.with_suffix(".tmp")
+        tmp.write_text(f"# resolved spec written by mesacli\n{spec_to_yaml(spec)}")
+        tmp.replace(spec_path)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from, so the log has no duplicates."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+def restore_state(spec: Spec, ckpts: Checkpoints, template: dict, step: int | None = None) -> dict:
+    """Restore a train state, refusing a checkpoint written for a different spec."""
+    meta = ckpts.restore_meta(step)
+    if meta.get("spec") != spec_to_dict(spec):
+        raise MesaError(f"checkpoint in {ckpts.directory} was written for a different spec")
+    state, _ = ckpts.restore(template, step)
+    return state
+
+
+def load_params(run_dir: Path, step: int | None = None) -> tuple[Spec, Any, int]:
+    """(spec, params, step) of a run directory's latest (or given) checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / SPEC_FILE).exists():
+        raise MesaError(f"{run_dir} is not a mesacli run directory (no {SPEC_FILE})")
+    spec = load_spec(run_dir / SPEC_FILE)
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    if not ckpt_dir.is_dir():
+        raise MesaError(f"no checkpoint found in {ckpt_dir}")
+    ckpts = Checkpoints(ckpt_dir, keep=spec.train.keep_checkpoints, read_only=True)
+    try:
+        state = restore_state(spec, ckpts, init_state(spec, make_mesh()), step)
+    finally:
+        ckpts.close()
+    return spec, state["params"], int(state["step"])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _MetricLog:
+    """Buffers per-step device metrics; flushing syncs, checks finiteness and appends JSONL lines."""
+
+    def __init__(self, path: Path, log_every: int):
+        self.path, self.log_every = path, log_every
+        self.pending: list[tuple[int, dict]] = []
+        self.last_loss = float("nan")
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self, extra: dict | None = None) -> None:
+        pending, self.pending = jax.device_get(self.pending), []
+        lines = []
+        for step, m in pending:
+            if not (math.isfinite(float(m["loss"])) and bool(m["params_finite"])):
+                self._write(lines)
+                raise TrainingDiverged(f"non-finite loss or parameters at step {step + 1}")
+            self.last_loss = float(m["loss"])
+            if (step + 1) % self.log_every == 0 or step == pending[-1][0]:
+                lines.append({"step": step + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                              "lr": float(m["lr"])})
+        if extra is not None:
+            if lines and lines[-1]["step"] == extra["step"]:
+                lines[-1].update(extra)
+            else:
+                lines.append(extra)
+        self._write(lines)
+
+    def _write(self, lines: list[dict]) -> None:
+        if lines:
+            with self.path.open("a") as f:
+                for line in lines:
+                    f.write(json.dumps(line) + "\n")
+
+
+def train(
+    spec: Spec,
+    run_dir: str | Path,
+    *,
+    stop_at_step: int | None = None,
+    progress: bool = True,
+    devices: list | None = None,
+    on_log: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train ``spec`` in ``run_dir``, resuming from its latest checkpoint if there is one.
+
+    ``stop_at_step`` ends the session early (as an interruption would) after saving a checkpoint.
+    Raises TrainingDiverged on a non-finite loss, keeping the last good checkpoint.
+    """
+    from mesacli import plots  # matplotlib only when a run writes figures
+
+    run_dir = Path(run_dir)
+    prepare_run_dir(spec, run_dir)
+    mesh = make_mesh(devices)
+    check_batch_divides(spec.train.batch_size, mesh)
+    ckpts = Checkpoints(run_dir / CHECKPOINT_DIR, keep=spec.train.keep_checkpoints)
+    state = init_state(spec, mesh)
+    resumed_from = ckpts.latest_step()
+    if resumed_from is not None:
+        state = restore_state(spec, ckpts, state)
+    start = int(state["step"])
+    _truncate_metrics(run_dir / METRICS_FILE, start)
+    meta = {"spec": spec_to_dict(spec), "mesacli": "0.1.0"}
+    train_step = make_train_step(spec, mesh)
+    evaluate = make_evaluator(spec, mesh)
+    log = _MetricLog(run_dir / METRICS_FILE, spec.train.log_every)
+    end = spec.train.steps if stop_at_step is None else min(stop_at_step, spec.train.steps)
+    t0, interrupted = time.time(), False
+
+    def save(step: int) -> None:
+        if ckpts.latest_step() != step:
+            ckpts.save(step, state, dict(meta, step=step, loss=log.last_loss))
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task_id = bar.add_task(spec.name, total=spec.train.steps, completed=start, loss="-")
+        step = start
+        try:
+            while step < end:
+                state, metrics = train_step(state)
+                log.add(step, metrics)
+                step += 1
+                do_eval = step % spec.train.eval_every == 0 or step == spec.train.steps
+                do_ckpt = step % spec.train.checkpoint_every == 0 or step == end
+                if step % spec.train.log_every == 0 or do_eval or do_ckpt:
+                    extra = None
+                    if do_eval:
+                        extra = {"step": step, "eval_loss": float(np.mean(evaluate(state["params"])))}
+                    log.flush(extra)
+                    bar.update(task_id, completed=step, loss=f"{log.last_loss:.4f}")
+                    if on_log is not None:
+                        on_log(step, log.last_loss)
+                if do_ckpt:
+                    save(step)
+        except KeyboardInterrupt:
+            interrupted = True
+            try:
+                log.flush()
+                save(step)
+            except TrainingDiverged:
+                pass
+        except TrainingDiverged as err:
+            last = ckpts.latest_step()
+            ckpts.close()
+            kept = f"last good checkpoint: step {last}" if last is not None else "no checkpoint was saved"
+            raise TrainingDiverged(f"{err}; training stopped ({kept} in {run_dir / CHECKPOINT_DIR})") from None
+    ckpts.close()
+    curve = evaluate(state["params"])
+    final_step = int(state["step"])
+    if final_step == spec.train.steps:
+        dump_json(run_dir / EVAL_FILE, {"step": final_step, "seq_avg_loss": float(np.mean(curve)),
+                                        "per_position_loss": [float(x) for x in curve]})
+        plots.per_position_plot({spec.name: curve}, run_dir / "loss_per_position.png",
+                                title=f"{spec.name}: test loss per position (step {final_step})")
+        plots.training_plot(run_dir / METRICS_FILE, run_dir / "training_curve.png", title=spec.name)
+    return TrainResult(run_dir, spec, final_step, curve, state["params"], time.time() - t0, resumed_from, interrupted)

@@ -1,0 +1,48 @@
+"""Shared tiny specs: small enough that a train step compiles and runs in about a second on a CPU."""
+
+from __future__ import annotations
+
+import os
+
+# Tests are dominated by XLA compile time on a 2-core CPU; unoptimised code generation compiles
+# several times faster and computes the same values.  Set before JAX is imported.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from mesacli.spec import Spec, spec_from_dict  # noqa: E402
+
+TINY = {
+    "name": "tiny",
+    "task": {"kind": "linear", "state_dim": 4, "obs_dim": 4, "seq_len": 8, "token_format": "raw"},
+    "model": {"layers": 2, "attention": "linear", "num_heads": 2, "key_size": 4, "embed_dim": 8,
+              "input_proj": True, "output_proj": True, "init_std": 0.1},
+    "train": {"steps": 6, "batch_size": 8, "lr": 1e-2, "eval_batches": 2, "eval_every": 3,
+              "checkpoint_every": 2, "log_every": 1, "keep_checkpoints": 5},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            out[key] = {**out.get(key, {}), **value}
+        else:
+            out[key] = value
+    return out
+
+
+def tiny_spec(**sections) -> Spec:
+    """The tiny spec with sections merged in, e.g. tiny_spec(model={"attention": "mesa"})."""
+    return spec_from_dict(merge(TINY, sections))
+
+
+@pytest.fixture
+def tiny_spec_file(tmp_path):
+    def write(**sections):
+        path = tmp_path / "tiny.yaml"
+        path.write_text(yaml.safe_dump(merge(TINY, sections)))
+        return path
+
+    return write

@@ -1,0 +1,53 @@
+"""A train step on a ("data",) mesh of 4 CPU host devices equals the same step on 1 device."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from mesacli.train import init_state, make_mesh, make_train_step
+    from tests.conftest import tiny_spec
+
+    assert jax.device_count() == 4, jax.devices()
+    spec = tiny_spec(model={"attention": "mesa", "first_layer": "softmax_pe"})
+    results = {}
+    for n in (1, 4):
+        mesh = make_mesh(jax.devices()[:n])
+        state = init_state(spec, mesh)
+        step = make_train_step(spec, mesh)
+        for _ in range(3):
+            state, metrics = step(state)
+        assert len(state["step"].sharding.device_set) == n
+        results[n] = (jax.device_get(state["params"]), float(metrics["loss"]))
+    for a, b in zip(jax.tree_util.tree_leaves(results[1][0]), jax.tree_util.tree_leaves(results[4][0])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # reduction order differs across devices
+    assert abs(results[1][1] - results[4][1]) < 1e-5 * abs(results[1][1])
+    # a batch that does not divide over the devices is a clear error
+    from mesacli.errors import MesaError
+    from mesacli.train import check_batch_divides
+    try:
+        check_batch_divides(6, make_mesh())
+    except MesaError as err:
+        assert "multiple of the number of devices (4)" in str(err)
+    else:
+        raise AssertionError("expected an error")
+    print("OK")
+    """
+)
+
+
+def test_four_host_devices_match_one():
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("OK")

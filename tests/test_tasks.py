@@ -1,0 +1,127 @@
+"""Synthetic task statistics: teachers, noise level, initial states, token layout, loss."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mesacli import tasks
+from mesacli.spec import TaskSpec, spec_from_dict
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def sequences(task: TaskSpec, n: int, seed: int = 0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), n)
+    return jax.vmap(lambda k: tasks.sample_sequence(k, task))(keys)
+
+
+def test_teacher_is_a_fresh_orthogonal_matrix_per_sequence():
+    teachers, _ = sequences(TaskSpec(), 200)
+    w = np.asarray(teachers.w_HH, np.float64)
+    eye = np.broadcast_to(np.eye(10), w.shape)
+    np.testing.assert_allclose(w @ np.swapaxes(w, 1, 2), eye, atol=2e-5)
+    assert np.abs(w[0] - w[1]).max() > 0.1  # different per sequence
+    # Haar: entries have mean 0 and variance 1/n
+    assert abs(w.mean()) < 0.01
+    assert w.var() == pytest.approx(0.1, rel=0.05)
+    # both orientations occur (det +1 and -1) for the Haar measure on O(n)
+    dets = np.linalg.det(w)
+    assert 0.3 < np.mean(dets > 0) < 0.7
+
+
+def test_noise_level_and_initial_state():
+    task = TaskSpec()
+    teachers, s = sequences(task, 256)
+    s = np.asarray(s, np.float64)
+    w = np.asarray(teachers.w_HH, np.float64)
+    resid = s[:, 1:] - np.einsum("bij,btj->bti", w, s[:, :-1])
+    assert resid.std() == pytest.approx(0.01, rel=0.03)
+    assert abs(resid.mean()) < 1e-3
+    h1 = s[:, 0]
+    assert np.abs(h1).max() <= 1.0 and h1.var() == pytest.approx(1 / 3, rel=0.1)  # U(-1, 1)
+    assert s.shape == (256, task.seq_len + 1, 10)
+    _, s_normal = sequences(TaskSpec(init_dist="normal"), 256)
+    assert np.asarray(s_normal)[:, 0].var() == pytest.approx(1.0, rel=0.1)
+    assert np.abs(np.asarray(s_normal)[:, 0]).max() > 1.5
+
+
+def test_partially_observed():
+    task = TaskSpec(kind="partial", state_dim=15, obs_dim=5, obs_noise=0.01)
+    teachers, s = sequences(task, 64)
+    assert s.shape == (64, task.seq_len + 1, 5)
+    c = np.asarray(teachers.c_SH)
+    assert c.shape == (64, 5, 15) and c.std() == pytest.approx(0.5, rel=0.1)
+    assert np.abs(c[0] - c[1]).max() > 0.1
+
+
+def test_contracting_eigenvalues_and_clip():
+    task = TaskSpec(kind="contracting")
+    teachers, s = sequences(task, 64)
+    eig = np.abs(np.linalg.eigvals(np.asarray(teachers.w_HH, np.float64)))
+    assert eig.min() > 0.3 - 1e-3 and eig.max() < 0.9 + 1e-3
+    np.testing.assert_allclose(eig.max(axis=1), 0.9, atol=1e-3)  # one eigenvalue fixed at the top
+    assert np.abs(np.asarray(s)).max() <= 2.0
+
+
+def test_fixed_teacher_is_shared():
+    teachers, _ = sequences(TaskSpec(kind="fixed_teacher"), 4)
+    w = np.asarray(teachers.w_HH)
+    np.testing.assert_array_equal(w[0], w[3])
+    np.testing.assert_allclose(w[0], np.asarray(jax.random.orthogonal(jax.random.PRNGKey(42), 10)))
+
+
+def test_nonlinear_transition():
+    task = TaskSpec(kind="nonlinear", init_scale=0.25)
+    teachers, s = sequences(task, 32)
+    s = np.asarray(s, np.float64)
+    assert np.abs(s[:, 0]).max() <= 0.25
+    feats = jax.jit(jax.vmap(jax.vmap(lambda h: tasks.teacher_features(task, h))))(jnp.asarray(s[:, :-1], jnp.float32))
+    feats = np.asarray(feats, np.float64)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=-1), 1.0, rtol=1e-5)  # unit-norm MLP output
+    resid = s[:, 1:] - np.einsum("bij,btj->bti", np.asarray(teachers.w_HH), feats)
+    assert resid.std() == pytest.approx(0.01, rel=0.05)
+
+
+def test_constructed_tokens_layout_and_mask():
+    spec = spec_from_dict({"task": {"token_format": "constructed", "seq_len": 6}})
+    batch = tasks.sample_batch(jax.random.PRNGKey(0), spec, 3)
+    obs, tok = np.asarray(batch.obs_BTS), np.asarray(batch.tokens_BTI)
+    assert tok.shape == (3, 6, 40)
+    np.testing.assert_array_equal(tok[..., :10], 0)
+    np.testing.assert_array_equal(tok[..., 10:20], obs)
+    np.testing.assert_array_equal(tok[..., 20:30], obs)
+    np.testing.assert_array_equal(tok[:, 1:, 30:], obs[:, :-1])
+    np.testing.assert_array_equal(tok[:, 0, 30:], 0)  # s_0 = 0
+    np.testing.assert_array_equal(np.asarray(batch.targets_BTS)[:, :-1], obs[:, 1:])  # targets are s_{t+1}
+    masked = spec_from_dict({"task": {"token_format": "constructed", "seq_len": 6, "mask_slots": [0, 1]}})
+    tok_m = np.asarray(tasks.sample_batch(jax.random.PRNGKey(0), masked, 3).tokens_BTI)
+    np.testing.assert_array_equal(tok_m[..., :20], 0)
+    np.testing.assert_array_equal(tok_m[..., 20:], tok[..., 20:])
+
+
+def test_batches_are_pure_functions_of_the_key():
+    spec = spec_from_dict({})
+    a = tasks.sample_batch(tasks.train_batch_key(spec, 7), spec, 4)
+    b = tasks.sample_batch(tasks.train_batch_key(spec, 7), spec, 4)
+    c = tasks.sample_batch(tasks.train_batch_key(spec, 8), spec, 4)
+    np.testing.assert_array_equal(a.tokens_BTI, b.tokens_BTI)
+    assert np.abs(np.asarray(a.tokens_BTI) - np.asarray(c.tokens_BTI)).max() > 0
+
+
+def test_loss_is_half_squared_error_summed_over_dims():
+    pred = jnp.zeros((2, 3, 4))
+    target = jnp.ones((2, 3, 4)).at[1].set(3.0)
+    np.testing.assert_allclose(tasks.per_position_loss(pred, target), [0.5 * (4 + 36) / 2] * 3)
+    assert float(tasks.sequence_loss(pred, target)) == pytest.approx(10.0)
+
+
+def test_first_position_loss_of_the_zero_predictor():
+    """With h_1 ~ U(-1, 1) and orthogonal W*, E 1/2 ||s_2||^2 = 1/2 * 10 / 3 ~ 1.667 (paper-spec: t=1 loss 1.675)."""
+    spec = spec_from_dict({})
+    batch = jax.jit(tasks.sample_batch, static_argnums=(1, 2))(jax.random.PRNGKey(3), spec, 2048)
+    curve = np.asarray(tasks.per_position_loss(jnp.zeros_like(batch.targets_BTS), batch.targets_BTS))
+    assert curve[0] == pytest.approx(10 / 6 + 0.5 * 10 * 1e-4, rel=0.03)

@@ -1,0 +1,151 @@
+"""Training loop: loss decreases, checkpoints restore exactly, resume follows the same curve, NaN stops."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from mesacli import tasks
+from mesacli.checkpoint import Checkpoints
+from mesacli.errors import MesaError
+from mesacli.train import (
+    TrainingDiverged,
+    init_state,
+    load_params,
+    loss_fn,
+    make_mesh,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+    train,
+)
+from tests.conftest import tiny_spec
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_one_step_decreases_the_loss_on_its_batch():
+    spec = tiny_spec(train={"lr": 1e-3})
+    mesh = make_mesh()
+    state = init_state(spec, mesh)
+    batch = tasks.sample_batch(tasks.train_batch_key(spec, 0), spec, spec.train.batch_size)
+    before = float(loss_fn(state["params"], batch, spec))
+    new_state, metrics = make_train_step(spec, mesh)(state)
+    after = float(loss_fn(new_state["params"], batch, spec))
+    assert float(metrics["loss"]) == pytest.approx(before, rel=1e-5)  # the step used the batch of step 0
+    assert after < before
+    assert int(new_state["step"]) == 1
+
+
+def test_training_reduces_test_loss(tmp_path):
+    # one teacher W* shared by all sequences: a tiny model can learn it in its weights within 60 steps
+    spec = tiny_spec(task={"kind": "fixed_teacher"},
+                     train={"steps": 60, "lr": 1e-2, "eval_every": 60, "checkpoint_every": 60, "log_every": 10})
+    from mesacli.train import make_evaluator
+
+    initial = make_evaluator(spec, make_mesh())(init_state(spec, make_mesh())["params"]).mean()
+    result = train(spec, tmp_path / "run", progress=False)
+    assert result.eval_loss < 0.5 * initial
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+    assert rows[-1]["eval_loss"] == pytest.approx(result.eval_loss, rel=1e-5)
+    for name in ["spec.yaml", "eval_curve.json", "loss_per_position.png", "training_curve.png"]:
+        assert (tmp_path / "run" / name).exists()
+    curve = json.loads((tmp_path / "run" / "eval_curve.json").read_text())
+    assert len(curve["per_position_loss"]) == spec.task.seq_len
+
+
+def test_save_restore_equality(tmp_path):
+    spec = tiny_spec()
+    mesh = make_mesh()
+    state = init_state(spec, mesh)
+    step = make_train_step(spec, mesh)
+    for _ in range(3):
+        state, _ = step(state)
+    ckpts = Checkpoints(tmp_path / "ckpt")
+    ckpts.save(3, state, {"note": "x"})
+    restored, meta = ckpts.restore(init_state(spec, mesh))
+    ckpts.close()
+    assert meta == {"note": "x"}
+    assert_trees_equal(state, restored)
+
+
+def test_resume_ends_with_the_same_parameters(tmp_path):
+    spec = tiny_spec(model={"attention": "mesa"})
+    full = train(spec, tmp_path / "full", progress=False)
+    part = train(spec, tmp_path / "resumed", progress=False, stop_at_step=3)
+    assert part.step == 3 and part.resumed_from is None
+    resumed = train(spec, tmp_path / "resumed", progress=False)
+    assert resumed.resumed_from == 3 and resumed.step == spec.train.steps
+    assert_trees_equal(full.params, resumed.params)
+    log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert log == sorted(set(log)), "no duplicated metric lines after resume"
+    # the checkpoint metadata carries the resolved spec; load_params restores the final step
+    spec_back, params, step = load_params(tmp_path / "resumed")
+    assert spec_back == spec and step == spec.train.steps
+    assert_trees_equal(params, full.params)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    # a learning rate of 1e30 makes the parameters huge after one step and the loss overflow after two
+    spec = tiny_spec(train={"lr": 1e30, "checkpoint_every": 1, "grad_clip": None, "weight_decay": 0.0})
+    with pytest.raises(TrainingDiverged, match="non-finite loss or parameters at step"):
+        train(spec, tmp_path / "run", progress=False)
+    ckpts = Checkpoints(tmp_path / "run" / "checkpoints", read_only=True)
+    good = ckpts.latest_step()
+    assert good is not None
+    state, _ = ckpts.restore(init_state(spec, make_mesh()))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+def test_run_dir_with_another_spec_is_refused(tmp_path):
+    spec = tiny_spec(train={"steps": 2})
+    train(spec, tmp_path / "run", progress=False)
+    with pytest.raises(MesaError, match=r"different spec \(model.layers: 2 -> 3\)"):
+        train(tiny_spec(train={"steps": 2}, model={"layers": 3}), tmp_path / "run", progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(MesaError, match="not a mesacli run directory"):
+        train(spec, tmp_path / "other", progress=False)
+
+
+def test_corrupted_and_missing_checkpoints(tmp_path):
+    spec = tiny_spec(train={"steps": 2, "checkpoint_every": 2})
+    train(spec, tmp_path / "run", progress=False)
+    step_dir = tmp_path / "run" / "checkpoints" / "2"
+    for path in step_dir.rglob("*"):
+        if path.is_file() and path.parent.name != "meta":
+            path.write_bytes(b"garbage")
+    with pytest.raises(MesaError, match="corrupted or unreadable"):
+        load_params(tmp_path / "run")
+    with pytest.raises(MesaError, match="corrupted or unreadable"):
+        train(spec, tmp_path / "run", progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "spec.yaml").write_text((tmp_path / "run" / "spec.yaml").read_text())
+    with pytest.raises(MesaError, match="no checkpoint found"):
+        load_params(empty)
+
+
+def test_schedules_and_clipping():
+    cosine = make_schedule(tiny_spec(train={"schedule": "warmup_cosine", "warmup_steps": 10, "decay_steps": 100,
+                                            "lr": 1e-3, "end_lr": 1e-5}).train)
+    assert float(cosine(0)) == 0.0 and float(cosine(10)) == pytest.approx(1e-3)
+    assert float(cosine(100)) == pytest.approx(1e-5)
+    # element-wise clipping bounds every gradient entry before Adam (as the authors' optax.clip(1.0))
+    import jax.numpy as jnp
+
+    elementwise = make_optimizer(tiny_spec(train={"grad_clip": 1.0, "weight_decay": 0.0}).train)
+    inner_state = elementwise.init({"w": jnp.zeros(2)})
+    _, state = elementwise.update({"w": jnp.array([5.0, -0.5])}, inner_state, {"w": jnp.zeros(2)})
+    first_moment = state[1][0].mu["w"]  # (clip, adamw) -> adamw's ScaleByAdamState
+    np.testing.assert_allclose(np.asarray(first_moment) / 0.1, [1.0, -0.5], rtol=1e-6)
+    by_norm = make_optimizer(tiny_spec(train={"grad_clip": 1.0, "grad_clip_kind": "global_norm"}).train)
+    _, state = by_norm.update({"w": jnp.array([3.0, -4.0])}, by_norm.init({"w": jnp.zeros(2)}), {"w": jnp.zeros(2)})
+    np.testing.assert_allclose(np.asarray(state[1][0].mu["w"]) / 0.1, [0.6, -0.8], rtol=1e-6)
