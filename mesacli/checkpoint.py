@@ -22,12 +22,9 @@ class Checkpoints:
 
     def __init__(self, directory: Path, keep: int = 3, read_only: bool = False):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            create=not read_only,
-            read_only=read_only,
-            enable_async_checkpointing=False,
-        )
+        # read_only only stops us creating the directory; Orbax's own read_only mode logs warnings.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                               enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:

@@ -52,7 +52,7 @@ def _user_errors(fn: Callable) -> Callable:
 
 
 def _loss_table(title: str, rows: list[tuple[str, object]], positions=(1, 5, 10, 25, 50)) -> Table:
-    """rows: (name, per-position curve, extra columns dict)."""
+    """rows: (name, {"curve": per-position loss, optional "params", "steps", "seconds"})."""
     import numpy as np
 
     table = Table(title=title, title_justify="left")
@@ -126,23 +126,13 @@ def evaluate(
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also evaluate GD-1 and ridge LSQ."),
 ):
     """Evaluate a checkpoint on the spec's fixed test batches (per-position loss), with baselines."""
-    import numpy as np
+    from mesacli.evaluate import evaluate_run
 
-    from mesacli import baselines as bl
-    from mesacli.checkpoint import dump_json
-    from mesacli.train import load_params, make_evaluator, make_mesh
-
-    spec, params, at_step = load_params(run_dir, step)
-    curve = make_evaluator(spec, make_mesh())(params)
-    rows = [(f"{spec.name} @ {at_step}", {"curve": curve, "steps": at_step})]
-    out = {"step": at_step, "seq_avg_loss": float(np.mean(curve)), "per_position_loss": curve.tolist()}
-    if baselines:
-        curves, eta = bl.baseline_curves(spec)
-        rows += [(name, {"curve": c}) for name, c in curves.items()]
-        out["baselines"] = {name: c.tolist() for name, c in curves.items()}
-        out["gd1_eta"] = eta
-    dump_json(Path(run_dir) / f"eval_step{at_step}.json", out)
-    console.print(_loss_table(f"{spec.name}: test loss", rows, positions=_positions(spec.task.seq_len)))
+    report = evaluate_run(run_dir, step, with_baselines=baselines)
+    rows = [(name, {"curve": curve, "steps": report.step if i == 0 else None})
+            for i, (name, curve) in enumerate(report.curves.items())]
+    console.print(_loss_table(f"{report.spec.name}: test loss", rows, positions=_positions(report.spec.task.seq_len)))
+    console.print(f"outputs: {report.json_path}, {report.plot_path}")
 
 
 @app.command()

@@ -12,15 +12,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def per_position_plot(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
-    """Test loss against position t (log scale), one line per model or baseline."""
+def per_position_plot(curves: dict[str, np.ndarray], path: Path, title: str, dashed: tuple[str, ...] = ()) -> None:
+    """Test loss against position t (log scale), one line per model; names in ``dashed`` (baselines) dashed."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in curves.items():
         curve = np.asarray(curve)
-        ax.plot(np.arange(1, len(curve) + 1), curve, label=f"{name} (mean {curve.mean():.4f})")
+        ax.plot(np.arange(1, len(curve) + 1), curve, "--" if name in dashed else "-",
+                label=f"{name} (mean {curve.mean():.4f})")
     ax.set_yscale("log")
     ax.set_xlabel("position t")
-    ax.set_ylabel("test loss  ½‖s_{t+1} − f_t‖²")
+    ax.set_ylabel(r"test loss  $\frac{1}{2}\|s_{t+1} - f_t\|^2$")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

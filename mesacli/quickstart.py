@@ -57,7 +57,8 @@ def run_quickstart(out_dir: str | Path, progress: bool = True) -> list[Row]:
     rows += [Row(name, "baseline", curve) for name, curve in curves.items()]
     dump_json(out_dir / "quickstart.json", {"rows": [r.as_dict() for r in rows]})
     plots.per_position_plot({r.name: r.curve for r in rows}, out_dir / "comparison.png",
-                            title="quick start: test loss per position (linear dynamics, constructed tokens)")
+                            title="quick start: test loss per position (linear dynamics, constructed tokens)",
+                            dashed=tuple(r.name for r in rows if r.kind == "baseline"))
     return rows
 
 

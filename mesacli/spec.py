@@ -247,7 +247,11 @@ def load_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> Spec:
     path = Path(path)
     if not path.is_file():
         raise MesaError(f"spec file not found: {path}")
-    return spec_from_dict(parse_yaml(path.read_text(), str(path)), overrides)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise MesaError(f"cannot read spec file {path}: {err}") from None
+    return spec_from_dict(parse_yaml(text, str(path)), overrides)
 
 
 def spec_to_dict(spec: Spec) -> dict:

@@ -273,9 +273,9 @@ def train(
     from mesacli import plots  # matplotlib only when a run writes figures
 
     run_dir = Path(run_dir)
-    prepare_run_dir(spec, run_dir)
     mesh = make_mesh(devices)
     check_batch_divides(spec.train.batch_size, mesh)
+    prepare_run_dir(spec, run_dir)
     ckpts = Checkpoints(run_dir / CHECKPOINT_DIR, keep=spec.train.keep_checkpoints)
     state = init_state(spec, mesh)
     resumed_from = ckpts.latest_step()

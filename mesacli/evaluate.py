@@ -1,0 +1,45 @@
+"""Evaluate a run directory's checkpoint on its spec's fixed test batches, next to the baselines."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from mesacli import baselines, plots
+from mesacli.checkpoint import dump_json
+from mesacli.spec import Spec
+from mesacli.train import load_params, make_evaluator, make_mesh
+
+
+@dataclasses.dataclass
+class EvalReport:
+    spec: Spec
+    step: int
+    curves: dict[str, np.ndarray]  # the model first, then the baselines
+    gd1_eta: float | None
+    json_path: Path
+    plot_path: Path
+
+
+def evaluate_run(run_dir: str | Path, step: int | None = None, with_baselines: bool = True) -> EvalReport:
+    """Per-position test loss of the checkpoint (latest or ``step``) and, optionally, of GD-1 (eta
+    line-searched) and ridge LSQ; writes RUN_DIR/eval_step<N>.json and .png."""
+    run_dir = Path(run_dir)
+    spec, params, at_step = load_params(run_dir, step)
+    curves = {f"{spec.name} @ {at_step}": make_evaluator(spec, make_mesh())(params)}
+    eta = None
+    if with_baselines:
+        baseline_curves, eta = baselines.baseline_curves(spec)
+        curves.update(baseline_curves)
+    json_path, plot_path = run_dir / f"eval_step{at_step}.json", run_dir / f"eval_step{at_step}.png"
+    model_curve = next(iter(curves.values()))
+    dump_json(json_path, {
+        "step": at_step, "seq_avg_loss": float(np.mean(model_curve)),
+        "per_position_loss": [float(x) for x in model_curve], "gd1_eta": eta,
+        "baselines": {name: [float(x) for x in c] for name, c in list(curves.items())[1:]},
+    })
+    plots.per_position_plot(curves, plot_path, title=f"{spec.name}: test loss per position (step {at_step})",
+                            dashed=tuple(list(curves)[1:]))
+    return EvalReport(spec, at_step, curves, eta, json_path, plot_path)
