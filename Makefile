@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow lint format clean
+.PHONY: install run test test-slow lint format clean bench
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ test: install  ## the default test suite (under 10 minutes on 2 CPU cores)
 
 test-slow: install  ## the long tests only
 	$(PY) -m pytest -q -m slow
+
+bench: install  ## compare attention kernels (time, memory); writes bench.json (several minutes on a CPU)
+	$(VENV)/bin/mesacli bench --out bench.json
 
 lint: install
 	$(VENV)/bin/ruff check mesacli tests

@@ -152,6 +152,93 @@ def quickstart(
     console.print(f"results: {out_dir}/quickstart.json, figure: {out_dir}/comparison.png")
 
 
+def _fmt(x, digits: int = 2) -> str:
+    """Numbers for the bench table: '-' when missing, fewer decimals when large."""
+    if x is None:
+        return "-"
+    if x >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}" if x >= 1 else f"{x:.{digits + 1}g}"
+
+
+def _ratio_pair(a, b) -> str:
+    """'1.52× / 12.3×' for two ratios ('-' for a missing one)."""
+    def one(x):
+        return "-" if x is None else f"{x:.1f}×" if x >= 10 else f"{x:.2f}×"
+
+    return "-" if a is None and b is None else f"{one(a)} / {one(b)}"
+
+
+def _bench_table(result: dict) -> Table:
+    """One row per (T, kernel): times, memory, ratios to chunked linear attention, mesa speed-up."""
+    cfg = result["config"]
+    table = Table(title=f"attention kernels on {cfg['device']} (B={cfg['batch']}, H={cfg['heads']}, "
+                        f"D={cfg['d_head']}, chunk={cfg['chunk_size']}, {cfg['dtype']}, median of "
+                        f"{cfg['repeats']}; memory = compiled estimate)", title_justify="left")
+    for name, justify in [("T", "right"), ("kernel", "left"), ("fwd ms", "right"), ("fwd+bwd ms", "right"),
+                          ("fwd MiB", "right"), ("fwd+bwd MiB", "right"), ("time ×linear\nfwd / fwd+bwd", "right"),
+                          ("memory ×linear\nfwd / fwd+bwd", "right"), ("seq ÷ chunked\nfwd / fwd+bwd", "right"),
+                          ("note", "left")]:
+        table.add_column(name, justify=justify)
+    last_t = None
+    for row, ratio in zip(result["rows"], result["ratios"], strict=True):
+        if last_t is not None and row["T"] != last_t:
+            table.add_section()
+        last_t = row["T"]
+        note = "; ".join(x for x in (row["skipped"], row["note"]) if x)
+        table.add_row(
+            str(row["T"]), cfg["labels"][row["kernel"]], _fmt(row["fwd_ms"]), _fmt(row["fwd_bwd_ms"]),
+            _fmt(row["fwd_mem_mib"], 1), _fmt(row["fwd_bwd_mem_mib"], 1),
+            _ratio_pair(ratio["fwd_ms_vs_linear"], ratio["fwd_bwd_ms_vs_linear"]),
+            _ratio_pair(ratio["fwd_mem_mib_vs_linear"], ratio["fwd_bwd_mem_mib_vs_linear"]),
+            "" if row["kernel"] != "mesa_chunked" else _ratio_pair(ratio["seq_over_chunked_fwd"],
+                                                                  ratio["seq_over_chunked_fwd_bwd"]),
+            note,
+        )
+    return table
+
+
+@app.command()
+@_user_errors
+def bench(
+    batch: int = typer.Option(8, help="Batch size B."),
+    heads: int = typer.Option(4, help="Number of heads H."),
+    seq_lens: str = typer.Option("512,2048,8192", help="Comma-separated sequence lengths T."),
+    d_head: int = typer.Option(64, help="Key/value size per head D."),
+    chunk_size: int = typer.Option(64, help="Chunk size of the chunked kernels."),
+    repeats: int = typer.Option(3, help="Timed calls per configuration (the median is reported)."),
+    kernels: str = typer.Option("softmax,linear_chunked,mesa_sequential,mesa_chunked",
+                                help="Comma-separated kernels to compare."),
+    out: Path = typer.Option(Path("bench.json"), help="Where the JSON results are written."),
+    dtype: str = typer.Option("float32", help="float32 or float64."),
+    max_memory_gb: float = typer.Option(8.0, help="Skip a configuration whose compiled memory estimate is larger."),
+    max_call_seconds: float = typer.Option(60.0, help="If the warm-up call takes longer, report it as the timing."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show what is running on stderr."),
+):
+    """Compare attention kernels (softmax, chunked linear, sequential and chunked mesa): time and memory."""
+    import contextlib
+    import json
+
+    from mesacli.bench import BenchConfig, parse_int_list, parse_names, run_bench
+
+    config = BenchConfig(batch=batch, heads=heads, seq_lens=parse_int_list(seq_lens, "--seq-lens"), d_head=d_head,
+                         chunk_size=chunk_size, repeats=repeats, kernels=parse_names(kernels), dtype=dtype,
+                         max_memory_gb=max_memory_gb, max_call_seconds=max_call_seconds).validate()
+    if out.is_dir():
+        raise MesaError(f"--out {out} is a directory; give a file name such as {out / 'bench.json'}")
+    live = progress and err_console.is_terminal  # a spinner on a terminal, one line per step in a log
+    with err_console.status("benchmarking") if live else contextlib.nullcontext() as status:
+        report = status.update if live else (lambda message: err_console.print(message, highlight=False))
+        result = run_bench(config, progress=report if progress else None)
+    console.print(_bench_table(result))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as err:
+        raise MesaError(f"cannot write {out}: {err.strerror or err}") from None
+    console.print(f"results: {out}")
+
+
 @app.command()
 def specs():
     """List the experiment specs shipped in experiments/ and what each reproduces."""

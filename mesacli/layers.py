@@ -1,4 +1,4 @@
-"""Causal attention kernels on per-head projections (paper Eq. 2 and Eqs. 4-8).
+"""Causal attention kernels on per-head projections (paper Eq. 2); the mesa-layer is in mesa.py.
 
 Shapes: B batch, T time, H heads, D key/value size.  Every kernel maps (q, k, v) of shape
 [B, T, H, D] to an output [B, T, H, D] and the attention weights [B, H, T, T] (query x key) that
@@ -24,6 +24,44 @@ def linear_attention(q_BTHD, k_BTHD, v_BTHD):
     return jnp.einsum("bhts,bshd->bthd", weights_BHTS, v_BTHD), weights_BHTS
 
 
+def to_chunks(x_BT, chunk: int):
+    """[B, T, H, ...] -> [n, B, H, C, ...] with T zero-padded to a multiple of ``chunk``."""
+    bsz, t = x_BT.shape[:2]
+    n = -(-t // chunk)
+    x_BT = jnp.pad(x_BT, ((0, 0), (0, n * chunk - t)) + ((0, 0),) * (x_BT.ndim - 2))
+    x = x_BT.reshape((bsz, n, chunk) + x_BT.shape[2:])
+    return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+
+def from_chunks(x_nBHC, t: int):
+    """[n, B, H, C, ...] -> [B, T, H, ...], dropping the padding."""
+    n, bsz, h, c = x_nBHC.shape[:4]
+    x = jnp.swapaxes(jnp.moveaxis(x_nBHC, 0, 1), 2, 3)  # [B, n, C, H, ...]
+    return x.reshape((bsz, n * c, h) + x_nBHC.shape[4:])[:, :t]
+
+
+def linear_attention_chunked(q_BTHD, k_BTHD, v_BTHD, chunk_size: int = 64):
+    """Linear attention in chunks of C tokens: carry S = sum v k^T between chunks, quadratic inside.
+
+    out_i = S_0 q_i + sum_{l<=i in chunk} v_l k_l^T q_i; O(T C D + T D^2) time, no T x T matrix."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be a positive integer, got {chunk_size}")
+    bsz, t, h, d = q_BTHD.shape
+    c = min(chunk_size, t)
+    causal = jnp.tril(jnp.ones((c, c), dtype=bool))
+
+    @jax.checkpoint
+    def body(s_BHVD, x):
+        q, k, v = x  # [B, H, C, D], [B, H, C, D], [B, H, C, V]
+        scores = jnp.where(causal, jnp.einsum("bhid,bhld->bhil", q, k), 0.0)
+        out = jnp.einsum("bhvd,bhid->bhiv", s_BHVD, q) + jnp.einsum("bhil,bhlv->bhiv", scores, v)
+        return s_BHVD + jnp.einsum("bhlv,bhld->bhvd", v, k), out
+
+    s0 = jnp.zeros((bsz, h, v_BTHD.shape[-1], d), q_BTHD.dtype)
+    _, out = jax.lax.scan(body, s0, tuple(to_chunks(x, c) for x in (q_BTHD, k_BTHD, v_BTHD)))
+    return from_chunks(out, t)
+
+
 def softmax_attention(q_BTHD, k_BTHD, v_BTHD):
     """Delta_t = sum_{t'<=t} v_{t'} softmax_{t'}(k_{t'}^T q_t / sqrt(d)); masked logits set to -1e30."""
     d = q_BTHD.shape[-1]
@@ -31,42 +69,6 @@ def softmax_attention(q_BTHD, k_BTHD, v_BTHD):
     logits_BHTS = jnp.where(causal_mask(q_BTHD.shape[1]), logits_BHTS, NEG_INF)
     weights_BHTS = jax.nn.softmax(logits_BHTS, axis=-1)
     return jnp.einsum("bhts,bshd->bthd", weights_BHTS, v_BTHD), weights_BHTS
-
-
-def mesa_preconditioned_queries_sequential(q_BTHD, k_BTHD, lam_H):
-    """q~_t = R_t q_t with R_t = (sum_{t'<=t} k k^T + lambda^{-1} I)^{-1}, by recursive least squares.
-
-    Sherman-Morrison (paper-spec section 3): R_0 = lambda I,
-    R_t = R_{t-1} - R_{t-1} k_t k_t^T R_{t-1} / (1 + k_t^T R_{t-1} k_t).  The current token is included.
-    """
-    b, _, h, d = q_BTHD.shape
-    eye = jnp.eye(d, dtype=q_BTHD.dtype)
-    r0_BHDD = jnp.broadcast_to(lam_H[None, :, None, None] * eye, (b, h, d, d))
-
-    def step(r_BHDD, qk):
-        q_BHD, k_BHD = qk
-        rk_BHD = jnp.einsum("bhij,bhj->bhi", r_BHDD, k_BHD)  # R symmetric: R k = (k^T R)^T
-        denom_BH = 1.0 + jnp.einsum("bhi,bhi->bh", k_BHD, rk_BHD)
-        r_BHDD = r_BHDD - jnp.einsum("bhi,bhj->bhij", rk_BHD, rk_BHD) / denom_BH[..., None, None]
-        r_BHDD = 0.5 * (r_BHDD + jnp.swapaxes(r_BHDD, -1, -2))  # keep R symmetric in float32
-        return r_BHDD, jnp.einsum("bhij,bhj->bhi", r_BHDD, q_BHD)
-
-    xs = (jnp.moveaxis(q_BTHD, 1, 0), jnp.moveaxis(k_BTHD, 1, 0))
-    _, q_tilde_TBHD = jax.lax.scan(step, r0_BHDD, xs)
-    return jnp.moveaxis(q_tilde_TBHD, 0, 1)
-
-
-def mesa_attention(q_BTHD, k_BTHD, v_BTHD, lam_H, impl: str = "sequential"):
-    """Mesa-layer (paper Eqs. 4-8): Delta_t = Phi^_t q_t with Phi^_t the ridge solution of
-    argmin_Phi 1/2 sum_{t'<=t} ||v_t' - Phi k_t'||^2 + 1/(2 lambda) ||Phi||_F^2,
-    i.e. causal linear attention with the preconditioned query q~_t = R_t q_t.
-
-    ``impl`` selects the algorithm; every implementation computes the same function.
-    """
-    if impl != "sequential":
-        raise ValueError(f"unknown mesa implementation {impl!r}")
-    q_tilde_BTHD = mesa_preconditioned_queries_sequential(q_BTHD, k_BTHD, lam_H)
-    return linear_attention(q_tilde_BTHD, k_BTHD, v_BTHD)
 
 
 def sinusoidal_encoding(t: int, dim: int) -> jax.Array:

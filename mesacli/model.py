@@ -14,7 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mesacli.layers import linear_attention, mesa_attention, sinusoidal_encoding, softmax_attention
+from mesacli.layers import linear_attention, sinusoidal_encoding, softmax_attention
+from mesacli.mesa import mesa_chunked, mesa_sequential
 from mesacli.spec import Spec
 
 Params = dict[str, Any]
@@ -37,6 +38,9 @@ def _init_block(key, spec: Spec, kind: str) -> Params:
     }
     if kind == "mesa":
         block["lam"] = jnp.full((h,), m.mesa_lambda_init, dtype=jnp.float32)
+        if m.mesa_forget == "gate":
+            block["gate_w"] = jnp.zeros((e, h), dtype=jnp.float32)
+            block["gate_b"] = jnp.full((h,), m.mesa_gate_bias, dtype=jnp.float32)
     if m.layer_norm:
         block["ln_attn"] = {"scale": jnp.ones((e,)), "bias": jnp.zeros((e,))}
     if m.mlp:
@@ -71,6 +75,24 @@ def _l2_normalise(x, eps=1e-6):
     return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + eps)
 
 
+def mesa_forgetting(block: Params, x_BTE: jax.Array, spec: Spec):
+    """gamma_BTH: None (no forgetting), the fixed mesa_gamma, or the gate sigmoid(x . w_h + b_h)."""
+    m = spec.model
+    if m.mesa_forget == "none":
+        return None
+    if m.mesa_forget == "fixed":
+        return jnp.full(x_BTE.shape[:2] + (m.num_heads,), m.mesa_gamma, x_BTE.dtype)
+    return jax.nn.sigmoid(x_BTE @ block["gate_w"] + block["gate_b"])
+
+
+def mesa_block(block: Params, x_BTE, q_BTHD, k_BTHD, v_BTHD, spec: Spec):
+    """The mesa-layer in the spec's form; the chunked form returns no T x T weights (None)."""
+    gamma_BTH = mesa_forgetting(block, x_BTE, spec)
+    if spec.model.mesa_impl == "sequential":
+        return mesa_sequential(q_BTHD, k_BTHD, v_BTHD, block["lam"], gamma_BTH)
+    return mesa_chunked(q_BTHD, k_BTHD, v_BTHD, block["lam"], gamma_BTH, chunk_size=spec.model.mesa_chunk_size), None
+
+
 def attention_block(block: Params, x_BTE: jax.Array, spec: Spec, kind: str, qk_norm: bool):
     """sum_h P_h attn_h(x): returns the block's attention output [B, T, E] and weights [B, H, T, T]."""
     qk_in = x_BTE
@@ -87,7 +109,7 @@ def attention_block(block: Params, x_BTE: jax.Array, spec: Spec, kind: str, qk_n
     elif kind == "linear":
         out, weights = linear_attention(q, k, v)
     elif kind == "mesa":
-        out, weights = mesa_attention(q, k, v, block["lam"], impl=spec.model.mesa_impl)
+        out, weights = mesa_block(block, x_BTE, q, k, v, spec)
     else:
         raise ValueError(f"unknown layer kind {kind!r}")
     return jnp.einsum("bthd,hde->bte", out, block["w_o"]), weights
@@ -97,7 +119,8 @@ def apply(params: Params, tokens_BTI: jax.Array, spec: Spec):
     """Predict s_{t+1} for every position.
 
     Returns (pred [B, T, n_s], aux) with aux = {"residual_LBTE": [L+1, B, T, E] residual stream
-    after each block (0 = embedded input), "attention": tuple of [B, H, T, T] per block}.
+    after each block (0 = embedded input), "attention": tuple of [B, H, T, T] per block (None for
+    the chunked mesa-layer, which never forms them; mesa_impl: sequential records them)}.
     """
     m = spec.model
     x = tokens_BTI @ params["input_proj"] if m.input_proj else tokens_BTI

@@ -24,7 +24,8 @@ from mesacli.errors import MesaError
 TASK_KINDS = ("linear", "partial", "nonlinear", "contracting", "fixed_teacher")
 ATTENTION_KINDS = ("linear", "softmax", "mesa")
 FIRST_LAYER_KINDS = ("linear", "softmax", "mesa", "softmax_pe")
-MESA_IMPLS = ("sequential",)
+MESA_IMPLS = ("chunked", "sequential")
+MESA_FORGET = ("none", "fixed", "gate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,11 @@ class ModelSpec:
     act_clip: float | None = None  # clip the residual stream to [-c, c] after every block
     init_std: float = 0.05  # weights ~ N(0, init_std^2)
     mesa_lambda_init: float = 1.0  # per-head lambda of the mesa-layer
-    mesa_impl: str = "sequential"  # sequential: Sherman-Morrison scan
+    mesa_impl: str = "chunked"  # chunked: exact chunked parallel form; sequential: Sherman-Morrison scan
+    mesa_chunk_size: int = 64  # tokens per chunk of the chunked form
+    mesa_forget: str = "none"  # none | fixed (gamma = mesa_gamma) | gate (gamma_t = sigmoid(w_h . e_t + b_h))
+    mesa_gamma: float = 1.0  # the fixed forgetting factor, in (0, 1]
+    mesa_gate_bias: float = 3.0  # initial gate bias b_h (sigmoid(3) ~ 0.95)
 
     def layer_kinds(self) -> tuple[str, ...]:
         first = self.first_layer or self.attention
@@ -308,6 +313,11 @@ def validate(spec: Spec) -> None:
     if model.first_layer is not None:
         _choice(model.first_layer, FIRST_LAYER_KINDS, "model.first_layer")
     _choice(model.mesa_impl, MESA_IMPLS, "model.mesa_impl")
+    _choice(model.mesa_forget, MESA_FORGET, "model.mesa_forget")
+    if not 0 < model.mesa_gamma <= 1:
+        raise MesaError(f"model.mesa_gamma: the forgetting factor must lie in (0, 1], got {model.mesa_gamma}")
+    if model.mesa_lambda_init <= 0:
+        raise MesaError(f"model.mesa_lambda_init: must be positive, got {model.mesa_lambda_init}")
     _choice(train.schedule, ("constant", "warmup_cosine"), "train.schedule")
     _choice(train.grad_clip_kind, ("elementwise", "global_norm"), "train.grad_clip_kind")
     for path, value in [
@@ -315,6 +325,7 @@ def validate(spec: Spec) -> None:
         ("task.mlp_hidden", task.mlp_hidden), ("model.layers", model.layers), ("model.num_heads", model.num_heads),
         ("model.key_size", model.key_size), ("model.embed_dim", model.embed_dim),
         ("model.mlp_hidden", model.mlp_hidden), ("model.init_std", model.init_std),
+        ("model.mesa_chunk_size", model.mesa_chunk_size),
         ("train.steps", train.steps), ("train.batch_size", train.batch_size), ("train.lr", train.lr),
         ("train.eval_batches", train.eval_batches), ("train.eval_every", train.eval_every),
         ("train.log_every", train.log_every), ("train.checkpoint_every", train.checkpoint_every),

@@ -62,3 +62,20 @@ def test_readout_from_slot_zero_and_clipping():
 def test_param_count_of_lsa1():
     spec = spec_from_dict({"model": {"layers": 1, "num_heads": 2, "key_size": 20, "embed_dim": 40}})
     assert model.count_params(model.init(jax.random.PRNGKey(0), spec)) == 4 * 40 * 2 * 20
+
+
+def test_mesa_forms_and_forgetting_options_agree_inside_the_model():
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 4))
+    by_forget = {}
+    for forget in ("none", "fixed", "gate"):
+        outs = []
+        for impl in ("sequential", "chunked"):
+            spec = tiny_spec(model={"attention": "mesa", "mesa_impl": impl, "mesa_chunk_size": 3,
+                                    "mesa_forget": forget, "mesa_gamma": 0.5, "init_std": 0.2})
+            params = model.init(jax.random.PRNGKey(0), spec)
+            if forget == "gate":
+                assert params["blocks"][0]["gate_b"].shape == (2,)
+            outs.append(np.asarray(model.apply(params, x, spec)[0]))
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+        by_forget[forget] = outs[1]
+    assert np.abs(by_forget["fixed"] - by_forget["none"]).max() > 1e-2  # forgetting changes the function

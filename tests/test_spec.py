@@ -64,6 +64,10 @@ def test_defaults_and_scientific_notation():
         ({"model": {"attention": "softmx"}}, "did you mean 'softmax'?"),
         ({"model": {"layers": 0}}, "model.layers: must be positive"),
         ({"model": "big"}, "model: expected a mapping"),
+        ({"model": {"mesa_chunk_size": 0}}, "model.mesa_chunk_size: must be positive"),
+        ({"model": {"mesa_gamma": 1.5}}, "model.mesa_gamma: the forgetting factor must lie in (0, 1]"),
+        ({"model": {"mesa_lambda_init": -1.0}}, "model.mesa_lambda_init: must be positive"),
+        ({"model": {"mesa_forget": "gated"}}, "did you mean 'gate'?"),
     ],
 )
 def test_bad_values_are_one_line_errors(data, message):

@@ -1,0 +1,266 @@
+"""Attention-kernel benchmark: speed and compiled memory of softmax, chunked linear and mesa attention.
+
+Everything runs in one process so that machine noise affects every kernel alike.  For each kernel and
+sequence length T we compile a forward function (returns the output) and a forward+backward function
+(gradients of sum(out * fixed cotangent) with respect to q, k, v and, for mesa, lambda).  Memory is the
+compiled executable's own estimate (arguments + outputs + temporaries - aliased), so a configuration
+that would not fit is skipped before it runs.  Shapes: B batch, T time, H heads, D head size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from mesacli.errors import MesaError
+
+MIB = 2**20
+GIB = 2**30
+DTYPES = ("float32", "float64")
+
+
+class Kernel(NamedTuple):
+    label: str
+    fn: Callable  # (q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size) -> out_BTHV
+    uses_lam: bool
+
+
+def _softmax(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size):
+    from mesacli import layers
+
+    return layers.softmax_attention(q_BTHD, k_BTHD, v_BTHD)[0]
+
+
+def _linear_chunked(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size):
+    from mesacli import layers
+
+    return layers.linear_attention_chunked(q_BTHD, k_BTHD, v_BTHD, chunk_size)
+
+
+def _mesa_sequential(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size):
+    """The sequential mesa-layer without forgetting: Sherman-Morrison scan for q~, then chunked linear
+    attention on (q~, k, v); identical to ``mesa_sequential(...)[0]`` but without its T x T weights."""
+    from mesacli import layers
+    from mesacli.mesa import mesa_preconditioned_queries
+
+    return layers.linear_attention_chunked(mesa_preconditioned_queries(q_BTHD, k_BTHD, lam_H), k_BTHD, v_BTHD,
+                                           chunk_size)
+
+
+def _mesa_chunked(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size):
+    from mesacli.mesa import mesa_chunked
+
+    return mesa_chunked(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size=chunk_size)
+
+
+KERNELS: dict[str, Kernel] = {
+    "softmax": Kernel("softmax (quadratic)", _softmax, False),
+    "linear_chunked": Kernel("linear (chunked)", _linear_chunked, False),
+    "mesa_sequential": Kernel("mesa (sequential scan)", _mesa_sequential, True),
+    "mesa_chunked": Kernel("mesa (chunked)", _mesa_chunked, True),
+}
+BASELINE = "linear_chunked"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to benchmark; ``validate`` raises MesaError on bad values."""
+
+    batch: int = 8
+    heads: int = 4
+    seq_lens: tuple[int, ...] = (512, 2048, 8192)
+    d_head: int = 64
+    chunk_size: int = 64
+    repeats: int = 3
+    kernels: tuple[str, ...] = tuple(KERNELS)
+    dtype: str = "float32"
+    max_memory_gb: float = 8.0
+    max_call_seconds: float = 60.0  # a slower warm-up call is recorded as the only timing
+    seed: int = 0
+
+    def validate(self) -> BenchConfig:
+        for name in ("batch", "heads", "d_head", "repeats"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MesaError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise MesaError(f"--chunk-size must be an integer >= 1, got {self.chunk_size!r}")
+        if not self.seq_lens:
+            raise MesaError("--seq-lens must list at least one sequence length")
+        bad = [t for t in self.seq_lens if isinstance(t, bool) or not isinstance(t, int) or t < 1]
+        if bad:
+            raise MesaError(f"--seq-lens must be positive integers, got {bad[0]!r}")
+        if not self.kernels:
+            raise MesaError("--kernels must name at least one kernel")
+        unknown = [k for k in self.kernels if k not in KERNELS]
+        if unknown:
+            raise MesaError(f"unknown kernel {unknown[0]!r} (choose from {', '.join(KERNELS)})")
+        if self.dtype not in DTYPES:
+            raise MesaError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not (self.max_memory_gb > 0 and math.isfinite(self.max_memory_gb)):
+            raise MesaError(f"--max-memory-gb must be a positive number, got {self.max_memory_gb!r}")
+        if not self.max_call_seconds >= 0:
+            raise MesaError(f"max_call_seconds must be >= 0, got {self.max_call_seconds!r}")
+        return self
+
+
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    """'512,2048' -> (512, 2048); MesaError naming ``option`` otherwise."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise MesaError(f"{option} must be a comma-separated list of positive integers, got {text!r}")
+    try:
+        values = tuple(int(s) for s in items)
+    except ValueError:
+        raise MesaError(f"{option} must be a comma-separated list of positive integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise MesaError(f"{option} must be positive integers, got {text!r}")
+    return values
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """'softmax, mesa_chunked' -> ('softmax', 'mesa_chunked'), without duplicates."""
+    return tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Compiled:
+    run: Callable
+    mem_bytes: Optional[int]
+
+
+def _compile(fn: Callable, args) -> Compiled:
+    """Ahead-of-time compile; memory = arguments + outputs + temporaries - aliased (None if unknown)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    stats = compiled.memory_analysis()
+    mem = None
+    if stats is not None:
+        mem = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+               - stats.alias_size_in_bytes)
+    return Compiled(compiled, mem)
+
+
+def _time_calls(run: Callable, args, repeats: int, max_call_seconds: float) -> tuple[float, Optional[str]]:
+    """Median wall time (ms) of ``repeats`` calls after one warm-up; a slow warm-up is the only timing."""
+    start = time.perf_counter()
+    jax.block_until_ready(run(*args))
+    warm = time.perf_counter() - start
+    if warm > max_call_seconds:
+        return warm * 1e3, f"one call only (warm-up took {warm:.1f} s)"
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, None
+
+
+def make_inputs(config: BenchConfig, t: int, dtype):
+    """Random q, v, cotangent ~ N(0, 1), keys ~ N(0, 1/D) (a well-conditioned mesa problem), lambda = 1."""
+    shape_BTHD = (config.batch, t, config.heads, config.d_head)
+    kq, kk, kv, kc = jax.random.split(jax.random.PRNGKey(config.seed), 4)
+    q_BTHD = jax.random.normal(kq, shape_BTHD, dtype)
+    k_BTHD = jax.random.normal(kk, shape_BTHD, dtype) / math.sqrt(config.d_head)
+    v_BTHD = jax.random.normal(kv, shape_BTHD, dtype)
+    cot_BTHD = jax.random.normal(kc, shape_BTHD, dtype)
+    lam_H = jnp.ones((config.heads,), dtype)
+    return (q_BTHD, k_BTHD, v_BTHD, lam_H), cot_BTHD
+
+
+def kernel_functions(name: str, chunk_size: int):
+    """(forward(q, k, v, lam) -> out, forward_backward(q, k, v, lam, cot) -> grads) for one kernel."""
+    kernel = KERNELS[name]
+
+    def forward(q_BTHD, k_BTHD, v_BTHD, lam_H):
+        return kernel.fn(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size)
+
+    def loss(q_BTHD, k_BTHD, v_BTHD, lam_H, cot_BTHV):
+        return jnp.sum(forward(q_BTHD, k_BTHD, v_BTHD, lam_H) * cot_BTHV)
+
+    argnums = (0, 1, 2, 3) if kernel.uses_lam else (0, 1, 2)
+    return forward, jax.grad(loss, argnums=argnums)
+
+
+def _mib(n_bytes: Optional[int]) -> Optional[float]:
+    return None if n_bytes is None else n_bytes / MIB
+
+
+def bench_one(config: BenchConfig, name: str, t: int, dtype, report: Callable[[str], None]) -> dict:
+    """One row: compile both functions, skip the parts whose memory estimate is over the limit, time the rest."""
+    args, cot_BTHD = make_inputs(config, t, dtype)
+    forward, forward_backward = kernel_functions(name, config.chunk_size)
+    row = {"kernel": name, "T": t, "fwd_ms": None, "fwd_bwd_ms": None, "fwd_mem_mib": None,
+           "fwd_bwd_mem_mib": None, "skipped": None, "note": None}
+    limit = config.max_memory_gb * GIB
+    skipped, notes = [], []
+    for part, fn, part_args in (("fwd", forward, args), ("fwd_bwd", forward_backward, (*args, cot_BTHD))):
+        report(f"{name} T={t}: compiling {part}")
+        compiled = _compile(fn, part_args)
+        row[f"{part}_mem_mib"] = _mib(compiled.mem_bytes)
+        if compiled.mem_bytes is not None and compiled.mem_bytes > limit:
+            skipped.append(f"{part.replace('_', '+')} needs {compiled.mem_bytes / GIB:.1f} GiB")
+            continue
+        report(f"{name} T={t}: timing {part}")
+        row[f"{part}_ms"], note = _time_calls(compiled.run, part_args, config.repeats, config.max_call_seconds)
+        if note:
+            notes.append(f"{part.replace('_', '+')}: {note}")
+    if skipped:
+        row["skipped"] = f"skipped: {', '.join(skipped)} (limit {config.max_memory_gb:g} GiB)"
+    row["note"] = "; ".join(notes) or None
+    return row
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Per row: time and memory relative to chunked linear attention at the same T, and for mesa_chunked
+    the speed-up over mesa_sequential (sequential time / chunked time); None where a number is missing."""
+    by_key = {(r["kernel"], r["T"]): r for r in rows}
+    out = []
+    for r in rows:
+        base = by_key.get((BASELINE, r["T"]), {})
+        seq = by_key.get(("mesa_sequential", r["T"]), {}) if r["kernel"] == "mesa_chunked" else {}
+        out.append({
+            "kernel": r["kernel"],
+            "T": r["T"],
+            **{f"{k}_vs_linear": _ratio(r[k], base.get(k))
+               for k in ("fwd_ms", "fwd_bwd_ms", "fwd_mem_mib", "fwd_bwd_mem_mib")},
+            "seq_over_chunked_fwd": _ratio(seq.get("fwd_ms"), r["fwd_ms"]),
+            "seq_over_chunked_fwd_bwd": _ratio(seq.get("fwd_bwd_ms"), r["fwd_bwd_ms"]),
+        })
+    return out
+
+
+def run_bench(config: BenchConfig, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Benchmark every kernel at every T; returns {"config", "rows", "ratios"} (JSON-serialisable).
+
+    ``progress`` (optional) receives a short status message before each compile and timing step."""
+    config.validate()
+    x64 = jax.enable_x64(True) if config.dtype == "float64" else contextlib.nullcontext()
+    with x64:
+        dtype = jnp.dtype(config.dtype)
+        device = jax.devices()[0]
+        report = progress or (lambda message: None)
+        jobs = [(t, name) for t in config.seq_lens for name in config.kernels]
+        rows = []
+        for i, (t, name) in enumerate(jobs):
+            rows.append(bench_one(config, name, t, dtype, lambda m, i=i: report(f"[{i + 1}/{len(jobs)}] {m}")))
+    return {
+        "config": {**asdict(config), "seq_lens": list(config.seq_lens), "kernels": list(config.kernels),
+                   "labels": {k: KERNELS[k].label for k in config.kernels},
+                   "device": str(device), "device_kind": device.device_kind, "jax": jax.__version__},
+        "rows": rows,
+        "ratios": ratios(rows),
+    }
