@@ -73,6 +73,16 @@ def decay_mask(log_gamma_BTH):
 # ----------------------------------------------------------------------------- sequential
 
 
+def _rls_update(r_BHDD, k_BHD, gamma_BH):
+    """Sherman-Morrison with forgetting: R <- gamma^{-1} [R - R k k^T R / (gamma + k^T R k)] (R symmetric)."""
+    rk_BHD = jnp.einsum("bhij,bhj->bhi", r_BHDD, k_BHD)
+    denom_BH = gamma_BH + jnp.einsum("bhi,bhi->bh", k_BHD, rk_BHD)
+    r_BHDD = (r_BHDD - jnp.einsum("bhi,bhj->bhij", rk_BHD, rk_BHD) / denom_BH[..., None, None]) / gamma_BH[
+        ..., None, None
+    ]
+    return 0.5 * (r_BHDD + jnp.swapaxes(r_BHDD, -1, -2))  # keep R symmetric in float32
+
+
 def mesa_preconditioned_queries(q_BTHD, k_BTHD, lam_H, gamma_BTH=None):
     """q~_t = R_t q_t = A_t^{-1} q_t by Sherman-Morrison (paper-spec section 3, appendix B):
     R_0 = lambda I,  R_t = gamma_t^{-1} [R_{t-1} - R_{t-1} k k^T R_{t-1} / (gamma_t + k^T R_{t-1} k)]."""
@@ -83,12 +93,7 @@ def mesa_preconditioned_queries(q_BTHD, k_BTHD, lam_H, gamma_BTH=None):
 
     def step(r_BHDD, xs):
         q_BHD, k_BHD, g_BH = xs
-        rk_BHD = jnp.einsum("bhij,bhj->bhi", r_BHDD, k_BHD)  # R symmetric: R k = (k^T R)^T
-        denom_BH = g_BH + jnp.einsum("bhi,bhi->bh", k_BHD, rk_BHD)
-        r_BHDD = (r_BHDD - jnp.einsum("bhi,bhj->bhij", rk_BHD, rk_BHD) / denom_BH[..., None, None]) / g_BH[
-            ..., None, None
-        ]
-        r_BHDD = 0.5 * (r_BHDD + jnp.swapaxes(r_BHDD, -1, -2))  # keep R symmetric in float32
+        r_BHDD = _rls_update(r_BHDD, k_BHD, g_BH)
         return r_BHDD, jnp.einsum("bhij,bhj->bhi", r_BHDD, q_BHD)
 
     xs = (jnp.moveaxis(q_BTHD, 1, 0), jnp.moveaxis(k_BTHD, 1, 0), jnp.moveaxis(gamma_BTH, 1, 0))
@@ -261,10 +266,7 @@ def mesa_decode_step(state: MesaState, q_BHD, k_BHD, v_BHV, gamma_BH=None):
     """One token: R <- gamma^{-1}[R - R k k^T R / (gamma + k^T R k)], G <- gamma G + v k^T, out = G R q."""
     r, g = state
     gamma_BH = jnp.ones(q_BHD.shape[:2], q_BHD.dtype) if gamma_BH is None else gamma_BH
-    rk = jnp.einsum("bhij,bhj->bhi", r, k_BHD)
-    denom = gamma_BH + jnp.einsum("bhi,bhi->bh", k_BHD, rk)
-    r = (r - jnp.einsum("bhi,bhj->bhij", rk, rk) / denom[..., None, None]) / gamma_BH[..., None, None]
-    r = 0.5 * (r + jnp.swapaxes(r, -1, -2))
+    r = _rls_update(r, k_BHD, gamma_BH)
     g = gamma_BH[..., None, None] * g + jnp.einsum("bhv,bhd->bhvd", v_BHV, k_BHD)
     out = jnp.einsum("bhvd,bhd->bhv", g, jnp.einsum("bhij,bhj->bhi", r, q_BHD))
     return MesaState(r, g), out
