@@ -73,6 +73,12 @@ def decay_mask(log_gamma_BTH):
 # ----------------------------------------------------------------------------- sequential
 
 
+def _head_identity(scale_H, batch: int, d: int, dtype):
+    """scale_h * I_d for every head, broadcast to [batch, H, d, d]."""
+    eye = jnp.eye(d, dtype=dtype)
+    return jnp.broadcast_to(scale_H.astype(dtype)[None, :, None, None] * eye, (batch, scale_H.shape[0], d, d))
+
+
 def _rls_update(r_BHDD, k_BHD, gamma_BH):
     """Sherman-Morrison with forgetting: R <- gamma^{-1} [R - R k k^T R / (gamma + k^T R k)] (R symmetric)."""
     rk_BHD = jnp.einsum("bhij,bhj->bhi", r_BHDD, k_BHD)
@@ -87,8 +93,7 @@ def mesa_preconditioned_queries(q_BTHD, k_BTHD, lam_H, gamma_BTH=None):
     """q~_t = R_t q_t = A_t^{-1} q_t by Sherman-Morrison (paper-spec section 3, appendix B):
     R_0 = lambda I,  R_t = gamma_t^{-1} [R_{t-1} - R_{t-1} k k^T R_{t-1} / (gamma_t + k^T R_{t-1} k)]."""
     b, _, h, d = q_BTHD.shape
-    eye = jnp.eye(d, dtype=q_BTHD.dtype)
-    r0_BHDD = jnp.broadcast_to(lam_H.astype(q_BTHD.dtype)[None, :, None, None] * eye, (b, h, d, d))
+    r0_BHDD = _head_identity(lam_H, b, d, q_BTHD.dtype)
     gamma_BTH = jnp.ones((b, q_BTHD.shape[1], h), q_BTHD.dtype) if gamma_BTH is None else gamma_BTH
 
     def step(r_BHDD, xs):
@@ -227,10 +232,10 @@ def mesa_chunked(q_BTHD, k_BTHD, v_BTHD, lam_H, gamma_BTH=None, chunk_size: int 
     c = min(chunk_size, t)
     # zero padding to whole chunks: zero keys/values/queries and log gamma = 0 leave the state unchanged
     xs = tuple(to_chunks(x, c) for x in (q_BTHD, k_BTHD, v_BTHD, _log_gamma(gamma_BTH, q_BTHD)))
-    a0 = jnp.broadcast_to((1.0 / lam_H.astype(dtype))[None, :, None, None] * jnp.eye(d, dtype=dtype), (bsz, h, d, d))
+    a0 = _head_identity(1.0 / lam_H.astype(dtype), bsz, d, dtype)
     g0 = jnp.zeros((bsz, h, dv, d), dtype)
 
-    r0 = jnp.broadcast_to(lam_H.astype(dtype)[None, :, None, None] * jnp.eye(d, dtype=dtype), (bsz, h, d, d))
+    r0 = _head_identity(lam_H, bsz, d, dtype)
     # the first chunk starts from R_0 = lambda I: no d x d inverse (a sequence of T <= C is one chunk)
     first = jax.checkpoint(lambda a, g, *x: _chunk(a, g, *x, r0_BHDD=r0))
     a1, g1, out_first = first(a0, g0, *(x[0] for x in xs))
@@ -256,10 +261,8 @@ def mesa_chunked(q_BTHD, k_BTHD, v_BTHD, lam_H, gamma_BTH=None, chunk_size: int 
 
 def mesa_initial_state(batch: int, lam_H, key_size: int, value_size: int, dtype=jnp.float32) -> MesaState:
     """State before the first token: R_0 = lambda I, G_0 = 0."""
-    h = lam_H.shape[0]
-    r = jnp.broadcast_to(lam_H.astype(dtype)[None, :, None, None] * jnp.eye(key_size, dtype=dtype),
-                         (batch, h, key_size, key_size))
-    return MesaState(r, jnp.zeros((batch, h, value_size, key_size), dtype))
+    r = _head_identity(lam_H, batch, key_size, dtype)
+    return MesaState(r, jnp.zeros((batch, lam_H.shape[0], value_size, key_size), dtype))
 
 
 def mesa_decode_step(state: MesaState, q_BHD, k_BHD, v_BHV, gamma_BH=None):
