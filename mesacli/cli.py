@@ -84,6 +84,9 @@ def train(
     overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                                         help="Override a spec value, e.g. --set model.layers=4 (repeatable)."),
     run_dir: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<spec name>)."),
+    seeds: Optional[int] = typer.Option(
+        None, "--seeds", min=1,
+        help="Train N seeds in one program (replica i = the plain run with train.seed + i); = --set train.seeds=N."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved spec, then stop."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     stop_at: Optional[int] = typer.Option(None, hidden=True, help="End the session after this step (testing)."),
@@ -91,7 +94,7 @@ def train(
     """Train a model on a synthetic sequence task; resumes if RUN_DIR already has checkpoints."""
     from mesacli.spec import load_spec, spec_to_yaml
 
-    spec = load_spec(spec_path, overrides)
+    spec = load_spec(spec_path, list(overrides) + ([f"train.seeds={seeds}"] if seeds is not None else []))
     if dry_run:
         console.print(spec_to_yaml(spec), highlight=False, markup=False)
         return
@@ -111,6 +114,13 @@ def train(
     console.print(_loss_table(f"{spec.name} ({run_dir})", [(spec.name, {
         "curve": result.eval_curve, "params": count_params(result.params), "steps": result.step,
         "seconds": result.seconds})], positions=_positions(spec.task.seq_len)))
+    if result.eval_curves is not None and len(result.eval_curves) > 1:
+        from mesacli.train import replica_seeds
+
+        per_seed = result.eval_curves.mean(axis=1)
+        each = ", ".join(f"seed {s}: {x:.4f}" for s, x in zip(replica_seeds(spec.train), per_seed, strict=True))
+        console.print(f"{len(per_seed)} seeds: sequence-averaged test loss {per_seed.mean():.4f} "
+                      f"± {per_seed.std():.4f} ({each})")
     console.print(f"outputs: {run_dir}/metrics.jsonl, eval_curve.json, loss_per_position.png, training_curve.png")
 
 
@@ -236,6 +246,40 @@ def bench(
         out.write_text(json.dumps(result, indent=2) + "\n")
     except OSError as err:
         raise MesaError(f"cannot write {out}: {err.strerror or err}") from None
+    console.print(f"results: {out}")
+
+
+@app.command("bench-seeds")
+@_user_errors
+def bench_seeds(
+    spec_paths: List[Path] = typer.Argument(..., metavar="SPEC.yaml...", help="Specs to benchmark."),
+    seeds: int = typer.Option(8, help="Replicas in one program (S)."),
+    steps: int = typer.Option(10, help="Steps per timed block."),
+    repeats: int = typer.Option(3, help="Timed blocks (the median is reported)."),
+    out: Path = typer.Option(Path("bench_seeds.json"), help="Where the JSON results are written."),
+    overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="Override a spec value."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Say what is running on stderr."),
+):
+    """Training throughput: 1 seed, S seeds in one program (vmap), and S sequential runs."""
+    from mesacli.checkpoint import dump_json
+    from mesacli.seeds_bench import run_seeds_bench
+    from mesacli.spec import load_spec
+
+    loaded = [load_spec(p, overrides) for p in spec_paths]
+    say = (lambda message: err_console.print(message, highlight=False)) if progress else None
+    results = [run_seeds_bench(spec, seeds=seeds, steps=steps, repeats=repeats, progress=say) for spec in loaded]
+    table = Table(title=f"training throughput on {results[0]['devices']} {results[0]['platform']} device(s), "
+                        f"median of {repeats} x {steps} steps")
+    for column in ("spec", "batch", "1 seed steps/s", f"{seeds} seeds in one program: steps/s",
+                   "replica-steps/s", f"{seeds} sequential runs: replica-steps/s", "speed-up", "compile s (1 / S)"):
+        table.add_column(column, justify="left" if column == "spec" else "right")
+    for r in results:
+        table.add_row(r["spec"], str(r["batch_size"]), f"{r['one_seed']['steps_per_s']:.2f}",
+                      f"{r['one_program']['steps_per_s']:.2f}", f"{r['one_program']['replica_steps_per_s']:.2f}",
+                      f"{r['sequential_runs']['replica_steps_per_s']:.2f}", f"{r['speedup_vs_sequential']:.2f}x",
+                      f"{r['one_seed']['compile_s']:.1f} / {r['one_program']['compile_s']:.1f}")
+    console.print(table)
+    dump_json(out, {"results": results})
     console.print(f"results: {out}")
 
 
