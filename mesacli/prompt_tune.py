@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -118,26 +119,27 @@ def _truncate_log(path: Path, last_step: int) -> None:
     path.write_text("".join(k + "\n" for k in keep))
 
 
-def make_tune_step(params: Any, spec, layout: icl.PromptLayout, cfg: TuneConfig, stage: str):
-    """The jitted step: sample the step's prompts, Adam update of the tuned tokens on the mean label loss."""
-    tx = optax.adam(cfg.lr)
+@lru_cache(maxsize=8)
+def make_tune_step(spec, layout: icl.PromptLayout, stage: str, lr: float, batch: int, x_dist: str, seed: int):
+    """The jitted step(state, params): sample the step's prompts, Adam update of the tuned tokens on the mean label
+    loss.  Cached on everything that shapes it, so an interrupted and a resumed session share one compile."""
+    tx = optax.adam(lr)
     n_s = spec.task.obs_dim
 
-    def loss(tokens, eos, x, y):
+    def loss(tokens, eos, params, x, y):
         eos_S, prefix = (tokens, None) if stage == "eos" else (eos, tokens)
         return jnp.mean(icl.label_losses_BN(params, spec, layout, x, y, eos_S, prefix))
 
     @jax.jit
-    def step_fn(state):
-        x, y = icl.sample_regression(icl.icl_key("tune", cfg.seed, state["step"]), n_s, layout.n_examples, cfg.batch,
-                                     cfg.x_dist)
-        value, grad = jax.value_and_grad(loss)(state["tokens"], state.get("eos"), x, y)
+    def step_fn(state, params):
+        x, y = icl.sample_regression(icl.icl_key("tune", seed, state["step"]), n_s, layout.n_examples, batch, x_dist)
+        value, grad = jax.value_and_grad(loss)(state["tokens"], state.get("eos"), params, x, y)
         updates, opt_state = tx.update(grad, state["opt_state"], state["tokens"])
         new = dict(state, tokens=optax.apply_updates(state["tokens"], updates), opt_state=opt_state,
                    step=state["step"] + 1)
         return new, value
 
-    return tx, step_fn, loss
+    return tx, step_fn
 
 
 def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bool = True,
@@ -173,7 +175,7 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
             "layout": {"n_examples": layout.n_examples, "prefix_len": layout.prefix_len, "length": layout.length}}
     key = icl.icl_key("init", cfg.seed, 0 if stage == "eos" else 1)
     init_tokens = jax.random.normal(key, (n_s,) if stage == "eos" else (prefix_len, n_s))
-    tx, step_fn, loss = make_tune_step(params, spec, layout, cfg, stage)
+    tx, step_fn = make_tune_step(spec, layout, stage, cfg.lr, cfg.batch, cfg.x_dist, cfg.seed)
     state = {"tokens": init_tokens, "opt_state": tx.init(init_tokens), "step": jnp.array(0, jnp.int32)}
     if stage == "prefix":
         state["eos"] = frozen_eos
@@ -195,11 +197,14 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
     end = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)
 
     eval_loss = None
-    if heldout:
+    if heldout:  # held-out prompts: the eval stream of another seed, never seen in tuning
         x_h, y_h = icl.sample_regression(icl.icl_key("eval", cfg.seed + 7919, 0), n_s, layout.n_examples, cfg.batch,
                                          cfg.x_dist)
-        eval_loss = jax.jit(lambda tokens, eos: loss(tokens, eos, x_h, y_h))
-    before = float(eval_loss(init_tokens, state.get("eos"))) if eval_loss else None
+
+        def eval_loss(tokens, eos):
+            eos_S, prefix = (tokens, None) if stage == "eos" else (eos, tokens)
+            return float(icl.model_losses_BN(params, spec, layout, x_h, y_h, eos_S, prefix).mean())
+    before = eval_loss(init_tokens, state.get("eos")) if eval_loss else None
 
     t0, logged, pending = time.time(), [], []
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -209,7 +214,7 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
         step = start
         try:
             while step < end:
-                state, value = step_fn(state)
+                state, value = step_fn(state, params)
                 pending.append((step + 1, value))
                 step += 1
                 if step % cfg.log_every == 0 or step == end or step % cfg.checkpoint_every == 0:
@@ -229,7 +234,7 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
                         ckpts.save(step, state, dict(meta, step=step))
         finally:
             ckpts.close()
-    after = float(eval_loss(state["tokens"], state.get("eos"))) if eval_loss else None
+    after = eval_loss(state["tokens"], state.get("eos")) if eval_loss else None
     rows = [json.loads(line) for line in (directory / LOSS_FILE).read_text().splitlines() if line.strip()] \
         if (directory / LOSS_FILE).exists() else []
     plot_path = directory / "loss.png"

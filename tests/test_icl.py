@@ -194,7 +194,7 @@ def test_prompt_tuning_the_eos_reduces_held_out_label_loss(tiny_run, tmp_path):
 
 
 def test_prompt_tune_resumed_equals_uninterrupted(tiny_run, tmp_path):
-    cfg = TuneConfig(steps=12, lr=0.05, batch=8, checkpoint_every=4, log_every=2)
+    cfg = TuneConfig(steps=12, lr=0.05, batch=32, checkpoint_every=4, log_every=2)  # shares the compiled step above
     runs = []
     for name in ("a", "b"):
         shutil.copytree(tiny_run, tmp_path / name)
@@ -210,7 +210,7 @@ def test_prompt_tune_resumed_equals_uninterrupted(tiny_run, tmp_path):
     assert [r["step"] for r in log] == [r["step"] for r in ref] == [2, 4, 6, 8, 10, 12]
     np.testing.assert_allclose([r["loss"] for r in log], [r["loss"] for r in ref], rtol=1e-5)
     with pytest.raises(MesaError, match="other settings"):
-        tune_stage(runs[1], "eos", TuneConfig(steps=12, lr=0.01, batch=8), progress=False, heldout=False)
+        tune_stage(runs[1], "eos", TuneConfig(steps=12, lr=0.01, batch=32), progress=False, heldout=False)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -226,7 +226,8 @@ def test_cli_prompt_tune_then_icl_eval_end_to_end(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     out = runner.invoke(app, ["prompt-tune", str(run), "--what", "both", "--steps", "4", "--prefix-len", "2",
-                              "--batch", "8", "--lr", "0.01", "--checkpoint-every", "2", "--no-progress"])
+                              "--batch", "8", "--lr", "0.01", "--checkpoint-every", "4", "--examples", "5",
+                              "--no-progress"])
     assert out.exit_code == 0, out.output
     assert "held-out" in out.output and (run / "prompt_tune/prefix/loss.png").exists()
     out = runner.invoke(app, ["icl-eval", str(run), "--prompt", "plain,eos,tuned", "--seeds", "2", "--batch", "8"])
@@ -238,10 +239,10 @@ def test_cli_prompt_tune_then_icl_eval_end_to_end(tiny_run, tmp_path):
     assert len(data["curves"]["model (plain)"]["mean"]) == 5 and "median" in data["curves"][
         "AR ridge LSQ, all token pairs (lam=0.001)"]
     assert (run / "icl_eval_plain_eos_tuned.png").exists()
-    out = runner.invoke(app, ["icl-eval", str(run), "--continual", "--seeds", "1", "--batch", "4", "--examples", "8"])
+    out = runner.invoke(app, ["icl-eval", str(run), "--continual", "--seeds", "1", "--batch", "8", "--examples", "5"])
     assert out.exit_code == 0, out.output
     data = json.loads((run / "icl_eval_plain_continual.json").read_text())
-    assert data["meta"]["continual_switch_at"] == 2  # round(8 * 21 / 68)
+    assert data["meta"]["continual_switch_at"] == 2  # round(5 * 21 / 68)
 
 
 def test_cli_bad_inputs_give_one_error_line(tiny_run, tmp_path):
