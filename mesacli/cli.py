@@ -270,7 +270,7 @@ def _icl_table(report) -> Table:
     for name, curve in report.curves.items():
         table.add_row(name, *[f"{curve['mean'][i - 1]:.4f} ± {curve['std'][i - 1]:.4f}" for i in shown])
         if "median" in curve:
-            table.add_row(f"  {name.split(' (')[0]}, median", *[f"{curve['median'][i - 1]:.4f}" for i in shown])
+            table.add_row(f"  {name.rsplit(' (', 1)[0]}, median", *[f"{curve['median'][i - 1]:.4f}" for i in shown])
     return table
 
 
