@@ -258,7 +258,8 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
              batch: int = 128, lam: float = 1e-3, continual: bool = False, switch_at: int | None = None,
              x_dist: str = "uniform", data_seed: int = 0, step: int | None = None, write: bool = True) -> IclReport:
     """Per-example label loss of the frozen model on the chosen prompt kinds and of the baselines, mean and std over
-    ``seeds`` data seeds of ``batch`` prompts each; writes RUN_DIR/icl_eval_<prompts>.json/.png."""
+    ``seeds`` data seeds of ``batch`` prompts each; writes RUN_DIR/icl_eval_<prompts>[_continual][_lam..]
+    [_xnormal][_step..].json/.png."""
     from mesacli.prompt_tune import load_tuned
     from mesacli.spec import load_spec
     from mesacli.train import SPEC_FILE, load_params
@@ -340,6 +341,7 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
         "prompts": names, "eos_source": sources, "n_examples": n_examples, "seeds": seeds, "batch": batch,
         "lam": lam, "gd1_eta": eta, "x_dist": x_dist, "x_dist_source": "[C] U(-1,1)" if x_dist == "uniform" else
         "[P] N(0,I)", "label_noise": LABEL_NOISE, "continual_switch_at": switch_at, "data_seed": data_seed,
+        "step_given": step is not None,
         "metric": "1/2 ||y_i - f(prompt up to x_i)||^2, mean over prompts; mean/std over data seeds; median = "
                   "median over prompts, averaged over seeds",
         "baselines_on": "the same (x, y) data; the AR ridge control on the plain prompt [x1, y1, x2, ...]",
@@ -356,7 +358,10 @@ def write_report(report: IclReport, run_dir: Path) -> None:
     from mesacli import plots
     from mesacli.checkpoint import dump_json
 
-    tag = "_".join(report.meta["prompts"]) + ("_continual" if report.meta["continual_switch_at"] else "")
+    meta = report.meta
+    tag = "_".join(meta["prompts"]) + ("_continual" if meta["continual_switch_at"] else "")
+    tag += (f"_lam{meta['lam']:g}" if meta["lam"] != 1e-3 else "") + ("_xnormal" if meta["x_dist"] == "normal" else "")
+    tag += f"_step{report.step}" if meta.get("step_given") else ""
     report.json_path = run_dir / f"icl_eval_{tag}.json"
     report.plot_path = run_dir / f"icl_eval_{tag}.png"
     dump_json(report.json_path, {"meta": report.meta, "curves": report.curves})

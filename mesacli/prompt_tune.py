@@ -207,6 +207,25 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
     before = eval_loss(init_tokens, state.get("eos")) if eval_loss else None
 
     t0, logged, pending = time.time(), [], []
+
+    def flush(step: int) -> float | None:
+        """Sync the pending losses, check them, append the logged ones to loss.jsonl; the last loss."""
+        nonlocal pending
+        values = [(s, float(v)) for s, v in jax.device_get(pending)]
+        pending = []
+        if not all(np.isfinite(v) for _, v in values):
+            raise MesaError(f"prompt-tune {stage}: non-finite label loss by step {step}; try a smaller --lr")
+        lines = [(s, v) for s, v in values if s % cfg.log_every == 0 or s == step]
+        with (directory / LOSS_FILE).open("a") as f:
+            for s, v in lines:
+                f.write(json.dumps({"step": s, "loss": v}) + "\n")
+        logged.extend(lines)
+        return values[-1][1] if values else None
+
+    def save(step: int) -> None:
+        if ckpts.latest_step() != step:
+            ckpts.save(step, state, dict(meta, step=step))
+
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("label loss {task.fields[loss]}"), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress) as bar:
@@ -217,21 +236,16 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
                 state, value = step_fn(state, params)
                 pending.append((step + 1, value))
                 step += 1
-                if step % cfg.log_every == 0 or step == end or step % cfg.checkpoint_every == 0:
-                    values = [(s, float(v)) for s, v in jax.device_get(pending)]
-                    pending = []
-                    if not all(np.isfinite(v) for _, v in values):
-                        raise MesaError(f"prompt-tune {stage}: non-finite label loss by step {step}; "
-                                        f"try a smaller --lr")
-                    lines = [(s, v) for s, v in values if s % cfg.log_every == 0 or s == end]
-                    with (directory / LOSS_FILE).open("a") as f:
-                        for s, v in lines:
-                            f.write(json.dumps({"step": s, "loss": v}) + "\n")
-                    logged.extend(lines)
-                    bar.update(task_id, completed=step, loss=f"{values[-1][1]:.4f}")
-                if step % cfg.checkpoint_every == 0 or step == end:
-                    if ckpts.latest_step() != step:
-                        ckpts.save(step, state, dict(meta, step=step))
+                do_ckpt = step % cfg.checkpoint_every == 0 or step == end
+                if step % cfg.log_every == 0 or do_ckpt:
+                    bar.update(task_id, completed=step, loss=f"{flush(step):.4f}")
+                if do_ckpt:
+                    save(step)
+        except KeyboardInterrupt:  # keep what was done: the losses so far and a checkpoint at this step
+            if pending:
+                flush(step)
+            save(step)
+            raise
         finally:
             ckpts.close()
     after = eval_loss(state["tokens"], state.get("eos")) if eval_loss else None

@@ -176,12 +176,12 @@ def test_the_prediction_for_y_i_is_read_at_x_i(tiny_run):
 def test_prompt_tuning_the_eos_reduces_held_out_label_loss(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    cfg = TuneConfig(steps=40, lr=0.05, batch=32, checkpoint_every=20, log_every=5)
+    cfg = TuneConfig(steps=40, lr=0.05, batch=32, n_examples=5, checkpoint_every=20, log_every=5)
     result = tune_stage(run, "eos", cfg, progress=False)
     assert result.step == 40 and result.heldout_after < 0.97 * result.heldout_before
     # independent held-out prompts (another seed): tuned EOS beats the initial N(0, I) EOS
     spec, params, _ = load_params(run)
-    lay = icl.make_layout(SEQ_LEN, None, eos=True)
+    lay = icl.make_layout(SEQ_LEN, 6, eos=True)  # all 6 examples that fit (tuned on 5)
     x, y = icl.sample_regression(jax.random.PRNGKey(99), N_S, lay.n_examples, 256)
     init = jax.random.normal(icl.icl_key("init", 0, 0), (N_S,))
     tuned = load_tuned(run, N_S)["eos"]
@@ -194,7 +194,7 @@ def test_prompt_tuning_the_eos_reduces_held_out_label_loss(tiny_run, tmp_path):
 
 
 def test_prompt_tune_resumed_equals_uninterrupted(tiny_run, tmp_path):
-    cfg = TuneConfig(steps=12, lr=0.05, batch=32, checkpoint_every=4, log_every=2)  # shares the compiled step above
+    cfg = TuneConfig(steps=12, lr=0.05, batch=32, n_examples=5, checkpoint_every=4, log_every=2)  # compiled above
     runs = []
     for name in ("a", "b"):
         shutil.copytree(tiny_run, tmp_path / name)
@@ -210,7 +210,7 @@ def test_prompt_tune_resumed_equals_uninterrupted(tiny_run, tmp_path):
     assert [r["step"] for r in log] == [r["step"] for r in ref] == [2, 4, 6, 8, 10, 12]
     np.testing.assert_allclose([r["loss"] for r in log], [r["loss"] for r in ref], rtol=1e-5)
     with pytest.raises(MesaError, match="other settings"):
-        tune_stage(runs[1], "eos", TuneConfig(steps=12, lr=0.01, batch=32), progress=False, heldout=False)
+        tune_stage(runs[1], "eos", TuneConfig(steps=12, lr=0.01, batch=32, n_examples=5), progress=False, heldout=False)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -226,11 +226,11 @@ def test_cli_prompt_tune_then_icl_eval_end_to_end(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     out = runner.invoke(app, ["prompt-tune", str(run), "--what", "both", "--steps", "4", "--prefix-len", "2",
-                              "--batch", "8", "--lr", "0.01", "--checkpoint-every", "4", "--examples", "5",
+                              "--batch", "32", "--lr", "0.05", "--checkpoint-every", "4", "--examples", "5",
                               "--no-progress"])
     assert out.exit_code == 0, out.output
     assert "held-out" in out.output and (run / "prompt_tune/prefix/loss.png").exists()
-    out = runner.invoke(app, ["icl-eval", str(run), "--prompt", "plain,eos,tuned", "--seeds", "2", "--batch", "8"])
+    out = runner.invoke(app, ["icl-eval", str(run), "--prompt", "plain,eos,tuned", "--seeds", "2", "--batch", "32"])
     assert out.exit_code == 0, out.output
     assert "model (EOS+prefix)" in out.output and "AR ridge" in out.output and "i=5" in out.output
     data = json.loads((run / "icl_eval_plain_eos_tuned.json").read_text())
@@ -239,7 +239,7 @@ def test_cli_prompt_tune_then_icl_eval_end_to_end(tiny_run, tmp_path):
     assert len(data["curves"]["model (plain)"]["mean"]) == 5 and "median" in data["curves"][
         "AR ridge LSQ, all token pairs (lam=0.001)"]
     assert (run / "icl_eval_plain_eos_tuned.png").exists()
-    out = runner.invoke(app, ["icl-eval", str(run), "--continual", "--seeds", "1", "--batch", "8", "--examples", "5"])
+    out = runner.invoke(app, ["icl-eval", str(run), "--continual", "--seeds", "1", "--batch", "32", "--examples", "5"])
     assert out.exit_code == 0, out.output
     data = json.loads((run / "icl_eval_plain_continual.json").read_text())
     assert data["meta"]["continual_switch_at"] == 2  # round(5 * 21 / 68)
