@@ -269,8 +269,8 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
     for value, what in [(seeds, "--seeds"), (batch, "--batch")]:
         if value < 1:
             raise MesaError(f"{what} must be at least 1, got {value}")
-    if lam < 0:
-        raise MesaError(f"--lam must be >= 0, got {lam}")
+    if lam <= 0:
+        raise MesaError(f"--lam must be positive (the early LSQ systems are singular without it), got {lam}")
     if x_dist not in X_DISTS:
         raise MesaError(f"--x-dist: '{x_dist}' is not one of {', '.join(X_DISTS)}")
     if not (run_dir / SPEC_FILE).exists():
@@ -301,7 +301,7 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
         n_examples = min(max_examples(seq_len, name != "plain", setups[name][3]) for name in names)
     for name in names:
         layouts[name] = make_layout(seq_len, n_examples, name != "plain", setups[name][3])
-    if continual:
+    if continual or switch_at is not None:  # --switch-at implies the continual setting
         switch_at = max(1, round(n_examples * 21 / 68)) if switch_at is None else switch_at
         if not 1 <= switch_at < n_examples:
             raise MesaError(f"--switch-at must lie in 1..{n_examples - 1}, got {switch_at}")
@@ -366,7 +366,7 @@ def write_report(report: IclReport, run_dir: Path) -> None:
     report.plot_path = run_dir / f"icl_eval_{tag}.png"
     dump_json(report.json_path, {"meta": report.meta, "curves": report.curves})
     title = (f"{report.spec.name} @ {report.step}: in-context regression, {report.meta['seeds']} seeds x "
-             f"{report.meta['batch']} prompts" + (f", task switch after example {report.meta['continual_switch_at']}"
-                                                   if report.meta["continual_switch_at"] else ""))
+             f"{report.meta['batch']} prompts" + (f"\ntask switch (new W*) after example {meta['continual_switch_at']}"
+                                                   if meta["continual_switch_at"] else ""))
     plots.icl_plot(report.curves, report.plot_path, title=title, dashed=tuple(
-        k for k in report.curves if k not in report.model_curves))
+        k for k in report.curves if k not in report.model_curves), switch_at=meta["continual_switch_at"])

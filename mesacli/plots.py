@@ -51,7 +51,8 @@ def training_plot(metrics_path: Path, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def icl_plot(curves: dict[str, dict], path: Path, title: str, dashed: tuple[str, ...] = ()) -> None:
+def icl_plot(curves: dict[str, dict], path: Path, title: str, dashed: tuple[str, ...] = (),
+             switch_at: int | None = None) -> None:
     """Per-example label loss against example index i (log scale): mean over seeds with a +-1 std band; a dotted
     line for a curve's median over prompts where given; names in ``dashed`` (baselines) dashed."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -62,6 +63,8 @@ def icl_plot(curves: dict[str, dict], path: Path, title: str, dashed: tuple[str,
         ax.fill_between(i, np.maximum(mean - std, 1e-8), mean + std, color=line.get_color(), alpha=0.15)
         if "median" in c:
             ax.plot(i, c["median"], ":", color=line.get_color(), label=f"{name}, median")
+    if switch_at:
+        ax.axvline(switch_at + 0.5, color="grey", lw=1, ls="-.", label="task switch")
     ax.set_yscale("log")
     ax.set_xlabel("example i")
     ax.set_ylabel(r"label loss  $\frac{1}{2}\|y_i - f(\ldots, x_i)\|^2$")

@@ -262,29 +262,25 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
 def prompt_tune(run_dir: str | Path, what: str, cfg: TuneConfig, *, progress: bool = True,
                 model_step: int | None = None, stop_at_step: int | None = None) -> list[StageResult]:
     """``what`` = eos, prefix (needs a tuned EOS) or both (EOS, then the prefix with that EOS frozen)."""
-    from mesacli.train import load_params
+    from mesacli.spec import load_spec
+    from mesacli.train import SPEC_FILE, load_params
 
     if what not in ("eos", "prefix", "both"):
         raise MesaError(f"--what: '{what}' is not one of eos, prefix, both")
     cfg.validate()
     stages = ["eos", "prefix"] if what == "both" else [what]
-    loaded = None
+    run_dir = Path(run_dir)
+    if not (run_dir / SPEC_FILE).exists():
+        raise MesaError(f"{run_dir} is not a mesacli run directory (no {SPEC_FILE})")
+    task = load_spec(run_dir / SPEC_FILE).task
+    icl.check_task_hosts_prompt(task)
+    for stage in stages:  # a context too short for the prompt fails before any JAX work
+        icl.make_layout(task.seq_len, cfg.n_examples, True, cfg.prefix_len if stage == "prefix" else 0)
+    loaded = load_params(run_dir, model_step)
     results = []
     for stage in stages:
-        if loaded is None:
-            from mesacli.spec import load_spec
-            from mesacli.train import SPEC_FILE
-
-            if not (Path(run_dir) / SPEC_FILE).exists():
-                raise MesaError(f"{run_dir} is not a mesacli run directory (no {SPEC_FILE})")
-            spec = load_spec(Path(run_dir) / SPEC_FILE)
-            n_s = icl.check_task_hosts_prompt(spec.task)
-            for st in stages:  # fail on a too-short context before any tuning starts
-                icl.make_layout(spec.task.seq_len, cfg.n_examples, True, cfg.prefix_len if st == "prefix" else 0)
-            del n_s
-            loaded = load_params(Path(run_dir), model_step)
         results.append(tune_stage(run_dir, stage, cfg, progress=progress, model_step=model_step,
                                   stop_at_step=stop_at_step, loaded=loaded))
         if results[-1].step < cfg.steps:
-            break  # interrupted before the stage finished
+            break  # stopped before the stage finished
     return results

@@ -256,3 +256,6 @@ def test_cli_bad_inputs_give_one_error_line(tiny_run, tmp_path):
     _one_line_error(runner.invoke(app, ["icl-eval", str(partial)]), "observes obs_dim=2 of state_dim=4")
     _one_line_error(runner.invoke(app, ["prompt-tune", str(partial), "--no-progress"]), "observes obs_dim=2")
     _one_line_error(runner.invoke(app, ["icl-eval", str(tiny_run), "--prompt", "fancy"]), "not one of")
+    _one_line_error(runner.invoke(app, ["icl-eval", str(tiny_run), "--lam", "0"]), "--lam must be positive")
+    _one_line_error(runner.invoke(app, ["prompt-tune", str(tiny_run), "--what", "prefix", "--no-progress"]),
+                    "no tuned EOS")
