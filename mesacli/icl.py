@@ -84,6 +84,9 @@ def make_layout(seq_len: int, n_examples: int | None, eos: bool, prefix_len: int
     """The layout of ``n_examples`` examples (None: as many as fit), cut back to ``seq_len``."""
     most = max_examples(seq_len, eos, prefix_len)
     what = f"{'EOS' if eos else 'plain'} prompts" + (f" with a {prefix_len}-token prefix" if prefix_len else "")
+    if most == 0:
+        raise MesaError(f"the model's context (seq_len {seq_len}) has no room for an example after a "
+                        f"{prefix_len}-token prefix; use a shorter --prefix-len")
     if n_examples is None:
         n_examples = most
     if n_examples < 1 or n_examples > most:

@@ -258,4 +258,6 @@ def test_cli_bad_inputs_give_one_error_line(tiny_run, tmp_path):
     _one_line_error(runner.invoke(app, ["icl-eval", str(tiny_run), "--prompt", "fancy"]), "not one of")
     _one_line_error(runner.invoke(app, ["icl-eval", str(tiny_run), "--lam", "0"]), "--lam must be positive")
     _one_line_error(runner.invoke(app, ["prompt-tune", str(tiny_run), "--what", "prefix", "--no-progress"]),
-                    "no tuned EOS")
+                    "no room for an example after a 20-token prefix")
+    _one_line_error(runner.invoke(app, ["prompt-tune", str(tiny_run), "--what", "prefix", "--prefix-len", "2",
+                                        "--no-progress"]), "no tuned EOS")
