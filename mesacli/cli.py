@@ -295,6 +295,89 @@ def specs():
     console.print(table)
 
 
+def _icl_table(report) -> Table:
+    """Per-example label loss at examples 1, 5, 10, 20, 40, 68 (those that exist): mean +- std over seeds."""
+    from mesacli.icl import REPORT_EXAMPLES
+
+    shown = [i for i in REPORT_EXAMPLES if i <= report.n_examples] or [report.n_examples]
+    if report.n_examples not in shown and report.n_examples < REPORT_EXAMPLES[-1]:
+        shown.append(report.n_examples)
+    meta = report.meta
+    title = (f"{report.spec.name} @ step {report.step}: in-context regression label loss, mean ± std over "
+             f"{meta['seeds']} seeds x {meta['batch']} prompts (x ~ {meta['x_dist_source']})")
+    if meta["continual_switch_at"]:
+        title += f"; task switch after example {meta['continual_switch_at']}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("model / baseline")
+    for i in shown:
+        table.add_column(f"i={i}", justify="right")
+    for name, curve in report.curves.items():
+        table.add_row(name, *[f"{curve['mean'][i - 1]:.4f} ± {curve['std'][i - 1]:.4f}" for i in shown])
+        if "median" in curve:
+            table.add_row(f"  {name.rsplit(' (', 1)[0]}, median", *[f"{curve['median'][i - 1]:.4f}" for i in shown])
+    return table
+
+
+@app.command("icl-eval")
+@_user_errors
+def icl_eval(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `mesacli train` (a fully observed task)."),
+    prompt: str = typer.Option("plain", help="plain | eos | tuned (tuned EOS + prefix), or a comma-separated list."),
+    examples: Optional[int] = typer.Option(None, help="Examples per prompt (default: as many as fit the context)."),
+    seeds: int = typer.Option(5, help="Data seeds (the spread is the std over seeds)."),
+    batch: int = typer.Option(128, help="Prompts per seed."),
+    lam: float = typer.Option(1e-3, help="Ridge lambda of the LSQ baselines."),
+    continual: bool = typer.Option(False, "--continual", help="Two tasks: a new W* after --switch-at examples."),
+    switch_at: Optional[int] = typer.Option(None, help="Examples of task 1 (default: 21/68 of the examples)."),
+    x_dist: str = typer.Option("uniform", help="uniform: x ~ U(-1,1) (authors' code); normal: N(0, I) (paper)."),
+    data_seed: int = typer.Option(0, help="Base seed of the evaluation prompts."),
+    step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the latest)."),
+):
+    """Few-shot in-context regression with the frozen model (paper section 5), next to LSQ and GD-1 baselines."""
+    from mesacli.icl import icl_eval as run_icl_eval
+
+    report = run_icl_eval(run_dir, prompt, n_examples=examples, seeds=seeds, batch=batch, lam=lam,
+                          continual=continual, switch_at=switch_at, x_dist=x_dist, data_seed=data_seed, step=step)
+    console.print(_icl_table(report))
+    console.print(f"outputs: {report.json_path}, {report.plot_path}")
+
+
+@app.command("prompt-tune")
+@_user_errors
+def prompt_tune(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `mesacli train` (kept frozen)."),
+    what: str = typer.Option("eos", help="eos | prefix (needs a tuned EOS) | both (EOS, then the prefix)."),
+    steps: int = typer.Option(5000, help="Adam steps per stage."),
+    prefix_len: int = typer.Option(20, help="Prefix tokens P."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    batch: int = typer.Option(64, help="Prompts per step (authors' code: 64 for EOS, 128 for the prefix)."),
+    examples: Optional[int] = typer.Option(None, help="Examples per prompt (default: as many as fit)."),
+    x_dist: str = typer.Option("uniform", help="uniform (authors' code) or normal (paper)."),
+    seed: int = typer.Option(0, help="Seed of the initial tokens and the tuning prompts."),
+    checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps (resume from the latest)."),
+    step: Optional[int] = typer.Option(None, help="Model checkpoint step (default: the latest)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    stop_at: Optional[int] = typer.Option(None, hidden=True, help="End the session after this step (testing)."),
+):
+    """Tune the EOS token and/or a prompt prefix of a frozen run on label-prediction loss; resumable."""
+    from mesacli.prompt_tune import TuneConfig
+    from mesacli.prompt_tune import prompt_tune as run_prompt_tune
+
+    cfg = TuneConfig(steps=steps, lr=lr, batch=batch, prefix_len=prefix_len, n_examples=examples, x_dist=x_dist,
+                     seed=seed, checkpoint_every=checkpoint_every)
+    results = run_prompt_tune(run_dir, what, cfg, progress=progress, model_step=step, stop_at_step=stop_at)
+    table = Table(title=f"prompt-tune {run_dir} (model frozen; label loss on held-out prompts)", title_justify="left")
+    for name in ("stage", "steps", "held-out before", "held-out after", "time", "outputs"):
+        table.add_column(name, justify="left" if name in ("stage", "outputs") else "right")
+    for r in results:
+        resumed = f" (resumed from {r.resumed_from})" if r.resumed_from is not None else ""
+        table.add_row(r.stage, f"{r.step}{resumed}", f"{r.heldout_before:.4f}", f"{r.heldout_after:.4f}",
+                      f"{r.seconds:.0f}s", f"{r.loss_path}, {r.plot_path}")
+    console.print(table)
+    if results[-1].step < steps:
+        console.print(f"stopped at step {results[-1].step} of {steps}; run the same command again to resume")
+
+
 def main() -> None:
     app(prog_name="mesacli")
 

@@ -58,3 +58,42 @@ def training_plot(metrics_path: Path, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def icl_plot(curves: dict[str, dict], path: Path, title: str, dashed: tuple[str, ...] = (),
+             switch_at: int | None = None) -> None:
+    """Per-example label loss against example index i (log scale): mean over seeds with a +-1 std band; a dotted
+    line for a curve's median over prompts where given; names in ``dashed`` (baselines) dashed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, c in curves.items():
+        mean, std = np.asarray(c["mean"]), np.asarray(c["std"])
+        i = np.arange(1, len(mean) + 1)
+        (line,) = ax.plot(i, mean, "--" if name in dashed else "-", label=name)
+        ax.fill_between(i, np.maximum(mean - std, 1e-8), mean + std, color=line.get_color(), alpha=0.15)
+        if "median" in c:
+            ax.plot(i, c["median"], ":", color=line.get_color(), label=f"{name}, median")
+    if switch_at:
+        ax.axvline(switch_at + 0.5, color="grey", lw=1, ls="-.", label="task switch")
+    ax.set_yscale("log")
+    ax.set_xlabel("example i")
+    ax.set_ylabel(r"label loss  $\frac{1}{2}\|y_i - f(\ldots, x_i)\|^2$")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def loss_curve_plot(steps, losses, path: Path, title: str) -> None:
+    """A training-style loss curve (log scale) from parallel lists of steps and losses."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, losses)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("label loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
