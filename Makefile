@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow lint format clean bench
+.PHONY: install run test test-slow test-distributed lint format clean bench bench-seeds
 
 install: $(STAMP)
 
@@ -23,8 +23,14 @@ test: install  ## the default test suite (under 10 minutes on 2 CPU cores)
 test-slow: install  ## the long tests only
 	$(PY) -m pytest -q -m slow
 
+test-distributed: install  ## the multi-process tests only (2 local processes over 127.0.0.1)
+	$(PY) -m pytest -q -m distributed tests/test_distributed.py
+
 bench: install  ## compare attention kernels (time, memory); writes bench.json (several minutes on a CPU)
 	$(VENV)/bin/mesacli bench --out bench.json
+
+bench-seeds: install  ## steps/s of 1 seed vs 8 seeds in one program vs 8 runs (LSA-1, Softmax-3); bench_seeds.json
+	$(VENV)/bin/mesacli bench-seeds experiments/lsa1_constructed.yaml experiments/softmax3_full.yaml --seeds 8
 
 lint: install
 	$(VENV)/bin/ruff check mesacli tests

@@ -89,20 +89,46 @@ def train(
         help="Train N seeds in one program (replica i = the plain run with train.seed + i); = --set train.seeds=N."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved spec, then stop."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    coordinator: Optional[str] = typer.Option(
+        None, help="Multi-process run: HOST:PORT of process 0 (env MESACLI_COORDINATOR).",
+        rich_help_panel="Several machines"),
+    num_processes: Optional[int] = typer.Option(
+        None, help="Multi-process run: number of processes (env MESACLI_NUM_PROCESSES).",
+        rich_help_panel="Several machines"),
+    process_id: Optional[int] = typer.Option(
+        None, help="Multi-process run: this process's index (env MESACLI_PROCESS_ID).",
+        rich_help_panel="Several machines"),
+    cluster: Optional[str] = typer.Option(
+        None, help="'auto': let JAX read the cluster from SLURM / Open MPI / TPU variables.",
+        rich_help_panel="Several machines"),
+    init_timeout: int = typer.Option(60, help="Seconds to wait for the coordinator and every process.",
+                                     rich_help_panel="Several machines"),
+    heartbeat: int = typer.Option(10, help="Seconds after which a silent peer counts as dead.",
+                                  rich_help_panel="Several machines"),
     stop_at: Optional[int] = typer.Option(None, hidden=True, help="End the session after this step (testing)."),
 ):
     """Train a model on a synthetic sequence task; resumes if RUN_DIR already has checkpoints."""
+    from mesacli import distributed
     from mesacli.spec import load_spec, spec_to_yaml
 
     spec = load_spec(spec_path, list(overrides) + ([f"train.seeds={seeds}"] if seeds is not None else []))
     if dry_run:
         console.print(spec_to_yaml(spec), highlight=False, markup=False)
         return
+    multi = distributed.resolve_cluster(coordinator, num_processes, process_id, cluster, init_timeout, heartbeat)
+    if multi is not None and not distributed.is_worker():
+        raise typer.Exit(distributed.supervise(sys.argv[1:], multi))
+    if multi is not None:
+        distributed.initialize(multi)  # before any JAX computation
+        distributed.check_same_spec(spec_to_yaml(spec))
+        progress = progress and distributed.is_primary()
     from mesacli.model import count_params
     from mesacli.train import train as run_training
 
     run_dir = run_dir or Path("runs") / spec.name
     result = run_training(spec, run_dir, stop_at_step=stop_at, progress=progress)
+    if multi is not None and not distributed.is_primary():
+        return  # process 0 reports
     if result.resumed_from is not None:
         console.print(f"resumed from step {result.resumed_from}")
     if result.interrupted or result.step < spec.train.steps:

@@ -112,12 +112,15 @@ def init_state(spec: Spec, mesh: Mesh) -> dict:
         params = model.init(jax.random.fold_in(jax.random.PRNGKey(seed), 0), spec)
         return params, tx.init(params)
 
-    if spec.train.seeds == 1:
-        params, opt_state = init_replica(spec.train.seed)
-    else:
-        params, opt_state = jax.jit(jax.vmap(init_replica))(jnp.array(replica_seeds(spec.train)))
-    state = {"params": params, "opt_state": opt_state, "step": jnp.array(0, jnp.int32)}
-    return jax.device_put(state, _state_sharding(spec, mesh))
+    def init_all():
+        if spec.train.seeds == 1:
+            params, opt_state = init_replica(spec.train.seed)
+        else:
+            params, opt_state = jax.vmap(init_replica)(jnp.array(replica_seeds(spec.train)))
+        return {"params": params, "opt_state": opt_state, "step": jnp.array(0, jnp.int32)}
+
+    # created by a jitted function with the target sharding: works on a mesh spanning several processes
+    return jax.jit(init_all, out_shardings=_state_sharding(spec, mesh))()
 
 
 def loss_fn(params, batch: tasks.Batch, spec: Spec):
@@ -161,25 +164,26 @@ def make_train_step(spec: Spec, mesh: Mesh) -> Callable[[dict], tuple[dict, dict
     return train_step
 
 
-def eval_batches(spec: Spec, batch_size: int | None = None) -> list[tasks.Batch]:
-    """The fixed test batches: keys fold_in(PRNGKey(eval_seed), i), i < eval_batches."""
+def eval_batches(spec: Spec, batch_size: int | None = None, sharding: NamedSharding | None = None
+                 ) -> list[tasks.Batch]:
+    """The fixed test batches: keys fold_in(PRNGKey(eval_seed), i), i < eval_batches (placed with
+    ``sharding`` if given, e.g. over a mesh spanning several processes)."""
     size = batch_size or spec.train.batch_size
-    sample = jax.jit(lambda key: tasks.sample_batch(key, spec, size))
+    sample = jax.jit(lambda key: tasks.sample_batch(key, spec, size), out_shardings=sharding)
     return [sample(tasks.eval_batch_key(spec, i)) for i in range(spec.train.eval_batches)]
 
 
 def make_evaluator(spec: Spec, mesh: Mesh, stacked: bool = False) -> Callable[[Any], np.ndarray]:
     """params -> per-position test loss [T], the mean over the fixed test batches; with ``stacked``,
     params with a leading replica axis -> [S, T]."""
-    batches = eval_batches(spec)
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    batches = [jax.device_put(b, batch_sharding) for b in batches]
+    batches = eval_batches(spec, sharding=NamedSharding(mesh, PartitionSpec("data")))
 
     def curve(params, batch):
         pred, _ = model.apply(params, batch.tokens_BTI, spec)
         return tasks.per_position_loss(pred, batch.targets_BTS)
 
-    curve = jax.jit(jax.vmap(curve, in_axes=(0, None)) if stacked else curve)
+    curve = jax.jit(jax.vmap(curve, in_axes=(0, None)) if stacked else curve,
+                    out_shardings=NamedSharding(mesh, PartitionSpec()))
 
     def evaluate(params) -> np.ndarray:
         return np.mean([np.asarray(curve(params, b)) for b in batches], axis=0)
@@ -278,8 +282,8 @@ def load_params(run_dir: Path, step: int | None = None) -> tuple[Spec, Any, int]
 class _MetricLog:
     """Buffers per-step device metrics; flushing syncs, checks finiteness and appends JSONL lines."""
 
-    def __init__(self, path: Path, log_every: int, seeds: list[int]):
-        self.path, self.log_every, self.seeds = path, log_every, seeds
+    def __init__(self, path: Path, log_every: int, seeds: list[int], write: bool = True):
+        self.path, self.log_every, self.seeds, self.write = path, log_every, seeds, write
         self.pending: list[tuple[int, dict]] = []
         self.last_loss = float("nan")
 
@@ -312,7 +316,7 @@ class _MetricLog:
         self._write(lines)
 
     def _write(self, lines: list[dict]) -> None:
-        if lines:
+        if lines and self.write:
             with self.path.open("a") as f:
                 for line in lines:
                     f.write(json.dumps(line) + "\n")
@@ -333,18 +337,25 @@ def train(
     Raises TrainingDiverged on a non-finite loss, keeping the last good checkpoint.
     """
     from mesacli import plots  # matplotlib only when a run writes figures
+    from mesacli.distributed import barrier, is_primary
 
     run_dir = Path(run_dir)
     mesh = make_mesh(devices, spec.train.seeds)
     check_batch_divides(spec.train.batch_size, mesh)
-    prepare_run_dir(spec, run_dir)
+    primary = is_primary()  # several processes: process 0 writes the files, all save checkpoints together
+    if primary:
+        prepare_run_dir(spec, run_dir)
+    barrier("prepare_run_dir")
+    if not primary:
+        prepare_run_dir(spec, run_dir)  # checks the spec process 0 wrote
     ckpts = Checkpoints(run_dir / CHECKPOINT_DIR, keep=spec.train.keep_checkpoints)
     state = init_state(spec, mesh)
     resumed_from = ckpts.latest_step()
     if resumed_from is not None:
         state = restore_state(spec, ckpts, state)
     start = int(state["step"])
-    _truncate_metrics(run_dir / METRICS_FILE, start)
+    if primary:
+        _truncate_metrics(run_dir / METRICS_FILE, start)
     meta = {"spec": spec_to_dict(spec), "mesacli": "0.1.0"}
     train_step = make_train_step(spec, mesh)
     stacked, seeds = spec.train.seeds > 1, replica_seeds(spec.train)
@@ -353,7 +364,7 @@ def train(
     def evaluate(params) -> np.ndarray:  # [S, T]
         return np.atleast_2d(evaluate_replicas(params))
 
-    log = _MetricLog(run_dir / METRICS_FILE, spec.train.log_every, seeds)
+    log = _MetricLog(run_dir / METRICS_FILE, spec.train.log_every, seeds, write=primary)
     end = spec.train.steps if stop_at_step is None else min(stop_at_step, spec.train.steps)
     t0, interrupted = time.time(), False
 
@@ -365,7 +376,7 @@ def train(
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with Progress(*columns, disable=not (progress and primary), transient=False) as bar:
         task_id = bar.add_task(spec.name, total=spec.train.steps, completed=start, loss="-")
         step = start
         try:
@@ -405,7 +416,7 @@ def train(
     curves = evaluate(state["params"])
     curve = curves.mean(axis=0)
     final_step = int(state["step"])
-    if final_step == spec.train.steps:
+    if final_step == spec.train.steps and primary:
         record = {"step": final_step, "seq_avg_loss": float(np.mean(curve)),
                   "per_position_loss": [float(x) for x in curve]}
         if stacked:
