@@ -265,7 +265,7 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
     [_xnormal][_step..].json/.png."""
     from mesacli.prompt_tune import load_tuned
     from mesacli.spec import load_spec
-    from mesacli.train import SPEC_FILE, load_params
+    from mesacli.train import SPEC_FILE, load_params, replicas
 
     run_dir = Path(run_dir)
     names = prompt_names(prompts)
@@ -280,6 +280,7 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
         raise MesaError(f"{run_dir} is not a mesacli run directory (no {SPEC_FILE})")
     n_s = check_task_hosts_prompt(load_spec(run_dir / SPEC_FILE).task)  # before any JAX work
     spec, params, at_step = load_params(run_dir, step)
+    members = replicas(spec, params)  # a run trained with train.seeds = S: every replica is evaluated
     seq_len = spec.task.seq_len
 
     # The tokens of each prompt kind: plain; EOS (tuned if one was tuned, else the zero vector); tuned EOS + prefix.
@@ -316,6 +317,7 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
     eta = gd1_line_search(np.asarray(xs), np.asarray(ys))
 
     per_seed: dict[str, list[np.ndarray]] = {}
+    per_replica: dict[str, dict[int, list[np.ndarray]]] = {}
     medians: dict[str, list[np.ndarray]] = {}
     model_names = []
     ar_name = f"AR ridge LSQ, all token pairs (lam={lam:g})"
@@ -326,8 +328,10 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
             label, eos, prefix, _ = setups[name]
             if label not in model_names:
                 model_names.append(label)
-            losses = model_losses_BN(params, spec, layouts[name], x, y, eos, prefix)
-            per_seed.setdefault(label, []).append(losses.mean(0))
+            for replica_seed, replica_params in members:
+                losses = model_losses_BN(replica_params, spec, layouts[name], x, y, eos, prefix)
+                per_seed.setdefault(label, []).append(losses.mean(0))
+                per_replica.setdefault(label, {}).setdefault(replica_seed, []).append(losses.mean(0))
         baseline_losses = {
             ar_name: losses_BN(ar_ridge_predictions(xn, yn, lam), yn),
             f"ridge LSQ on (x, y) pairs (lam={lam:g})": losses_BN(ridge_xy_predictions(xn, yn, lam), yn),
@@ -339,12 +343,15 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
     curves = {label: _seed_stats(values) for label, values in per_seed.items()}
     for label, values in medians.items():
         curves[label]["median"] = np.mean(values, axis=0).tolist()
+    if len(members) > 1:  # model curves: mean/std over replicas x data seeds, and each replica's mean
+        for label, by_seed in per_replica.items():
+            curves[label]["per_replica"] = {str(s): np.mean(v, axis=0).tolist() for s, v in by_seed.items()}
     meta = {
         "run_dir": str(run_dir), "step": at_step, "spec": spec.name, "seq_len": seq_len, "n_s": n_s,
         "prompts": names, "eos_source": sources, "n_examples": n_examples, "seeds": seeds, "batch": batch,
         "lam": lam, "gd1_eta": eta, "x_dist": x_dist, "x_dist_source": "[C] U(-1,1)" if x_dist == "uniform" else
         "[P] N(0,I)", "label_noise": LABEL_NOISE, "continual_switch_at": switch_at, "data_seed": data_seed,
-        "step_given": step is not None,
+        "step_given": step is not None, "replica_seeds": [s for s, _ in members],
         "metric": "1/2 ||y_i - f(prompt up to x_i)||^2, mean over prompts; mean/std over data seeds; median = "
                   "median over prompts, averaged over seeds",
         "baselines_on": "the same (x, y) data; the AR ridge control on the plain prompt [x1, y1, x2, ...]",

@@ -158,6 +158,7 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
     run_dir = Path(run_dir)
     if not (run_dir / SPEC_FILE).exists():
         raise MesaError(f"{run_dir} is not a mesacli run directory (no {SPEC_FILE})")
+    _check_single_model(load_spec(run_dir / SPEC_FILE), run_dir)
     n_s = icl.check_task_hosts_prompt(load_spec(run_dir / SPEC_FILE).task)
     prefix_len = cfg.prefix_len if stage == "prefix" else 0
     layout = icl.make_layout(load_spec(run_dir / SPEC_FILE).task.seq_len, cfg.n_examples, True, prefix_len)
@@ -259,6 +260,12 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
                        time.time() - t0, before, after, directory / LOSS_FILE, plot_path)
 
 
+def _check_single_model(spec, run_dir: Path) -> None:
+    if spec.train.seeds > 1:
+        raise MesaError(f"{run_dir} holds {spec.train.seeds} replicas (train.seeds); prompt-tune tunes the tokens "
+                        f"of one model and does not support multi-seed runs yet (icl-eval does)")
+
+
 def prompt_tune(run_dir: str | Path, what: str, cfg: TuneConfig, *, progress: bool = True,
                 model_step: int | None = None, stop_at_step: int | None = None) -> list[StageResult]:
     """``what`` = eos, prefix (needs a tuned EOS) or both (EOS, then the prefix with that EOS frozen)."""
@@ -272,6 +279,7 @@ def prompt_tune(run_dir: str | Path, what: str, cfg: TuneConfig, *, progress: bo
     run_dir = Path(run_dir)
     if not (run_dir / SPEC_FILE).exists():
         raise MesaError(f"{run_dir} is not a mesacli run directory (no {SPEC_FILE})")
+    _check_single_model(load_spec(run_dir / SPEC_FILE), run_dir)
     task = load_spec(run_dir / SPEC_FILE).task
     icl.check_task_hosts_prompt(task)
     for stage in stages:  # a context too short for the prompt fails before any JAX work

@@ -261,3 +261,20 @@ def test_cli_bad_inputs_give_one_error_line(tiny_run, tmp_path):
                     "no room for an example after a 20-token prefix")
     _one_line_error(runner.invoke(app, ["prompt-tune", str(tiny_run), "--what", "prefix", "--prefix-len", "2",
                                         "--no-progress"]), "no tuned EOS")
+
+
+def test_icl_eval_analyses_every_replica_of_a_multi_seed_run(tmp_path):
+    from mesacli.prompt_tune import prompt_tune
+
+    spec = tiny_spec(task={"state_dim": N_S, "obs_dim": N_S, "seq_len": SEQ_LEN},
+                     train={"steps": 4, "seeds": 2, "seed": 7, "eval_every": 4, "checkpoint_every": 4})
+    run = tmp_path / "seeds"
+    train(spec, run, progress=False)
+    report = icl.icl_eval(run, "plain", seeds=2, batch=8, write=False)
+    curve = report.curves["model (plain)"]
+    assert report.meta["replica_seeds"] == [7, 8] and sorted(curve["per_replica"]) == ["7", "8"]
+    per_replica = np.array([curve["per_replica"][s] for s in ("7", "8")])
+    np.testing.assert_allclose(per_replica.mean(0), curve["mean"], rtol=1e-6)
+    assert not np.allclose(per_replica[0], per_replica[1])
+    with pytest.raises(MesaError, match="does not support multi-seed runs"):
+        prompt_tune(run, "eos", TuneConfig(steps=1, batch=4))
