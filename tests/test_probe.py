@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from mesacli import baselines, model, tasks
 from mesacli.cli import app
 from mesacli.errors import MesaError
-from mesacli.probe import common, linprobe, prop1, run_probe, solvers
+from mesacli.probe import common, compress, linprobe, prop1, run_probe, solvers
 from mesacli.spec import spec_from_dict
 
 # A tiny constructed-token LSA-1 (n_s = 4, tokens [0, 0, s_t, s_{t-1}] of size 16).
@@ -25,7 +25,7 @@ TINY_LSA1 = {
     "train": {"steps": 20, "batch_size": 16, "lr": 1e-2, "eval_batches": 2, "eval_every": 10,
               "checkpoint_every": 10, "log_every": 5},
 }
-FAST = {"prop2_train_steps": 40, "attention_sequences": 128}
+FAST = {"prop2_train_steps": 40, "attention_sequences": 128, "interpolation_steps": 4}
 
 
 def random_obs(seed=0, b=32, t=12, n=4):
@@ -193,7 +193,8 @@ def test_probe_writes_every_analysis(probed, tiny_run):
     for name in probed.results:
         assert (out / f"{name}.json").exists()
     for png in ("prop1_loss.png", "prop1_cosine.png", "prop1_weights.png", "probes_depth.png",
-                "binding_token_probe.png", "binding_attention.png", "prop2_loss.png"):
+                "binding_token_probe.png", "binding_attention.png", "prop2_loss.png", "compress_loss.png",
+                "compress_interpolation.png"):
         assert (out / png).stat().st_size > 1000, png
     text = (out / "summary.md").read_text()
     assert "Proposition 1" in text and "0.032" in text and "Linear probes" in text
@@ -249,6 +250,40 @@ def test_prop2_on_the_tiny_run(probed):
     assert r["k"] == 1 and len(r["learned"]["chebyshev"]["alpha"]) == 1
     for history in r["history"].values():  # Adam on the solver's next-token loss makes progress
         assert np.mean([loss for _, loss in history[-2:]]) < history[0][1]
+
+
+def test_compress_on_the_tiny_run(probed, tiny_run):
+    from mesacli.train import load_params
+
+    r = probed.results["compress"]
+    spec, params, _ = load_params(tiny_run)
+    batch = common.test_batches(spec)[0]
+    pred, _ = model.apply(params, batch.tokens_BTI, spec)
+    prods = compress.products(params)
+    np.testing.assert_allclose(np.asarray(compress.apply_products(prods, batch.tokens_BTI, spec)), np.asarray(pred),
+                               rtol=1e-4, atol=1e-6)  # the product form is the model
+    assert len(r["scalars"]) == 1 and np.asarray(r["scalars"][0]["qk"]).shape == (2, 4, 4)
+    assert r["seq_avg_loss"]["model (product form)"] == pytest.approx(probed.results["prop1"]["seq_avg_loss"]["model"],
+                                                                      rel=1e-4)
+    # 1 layer: the compressed model is GD-1 with eta_eff (up to the s_{t-1} -> output blocks it also keeps)
+    assert r["eta_eff"] == pytest.approx(probed.results["prop1"]["eta_eff"], rel=1e-6)
+    assert [row["step"] for row in r["interpolation"]] == [0, 1, 2, 3, 4]
+
+
+def test_compressing_block_scalar_weights_is_the_identity():
+    rng = np.random.default_rng(6)
+    n, heads = 3, 2
+    prods = [tuple(np.einsum("hij,ab->hiajb", rng.normal(size=(heads, 4, 4)), np.eye(n)).reshape(heads, 4 * n, 4 * n)
+                   for _ in range(2))]
+    compressed, scalars = compress.compress_products(prods, n)
+    for (q, v), (cq, cv) in zip(prods, compressed, strict=True):
+        np.testing.assert_allclose(cq, q, atol=1e-12)
+        np.testing.assert_allclose(cv, v, atol=1e-12)
+    generic = [(rng.normal(size=(heads, 4 * n, 4 * n)), rng.normal(size=(heads, 4 * n, 4 * n)))]
+    twice = compress.compress_products(compress.compress_products(generic, n)[0], n)[0]
+    once = compress.compress_products(generic, n)[0]
+    np.testing.assert_allclose(twice[0][0], once[0][0], atol=1e-12)  # a projection
+    assert np.abs(once[0][0] - generic[0][0]).max() > 0.1
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -24,6 +24,7 @@ ANALYSES: dict[str, tuple[str, str]] = {
     "probes": ("mesacli.probe.linprobe", "linear probes per layer/position: s_{t+1}, s_t, preconditioned s_t"),
     "binding": ("mesacli.probe.binding", "token binding: layer-1 output probed on s_{t'}, layer-1 attention maps"),
     "prop2": ("mesacli.probe.solvers", "Prop. 2: Neumann / Chebyshev preconditioned solvers vs the model"),
+    "compress": ("mesacli.probe.compress", "CompressedAlg: block-diagonal-mean compression of every head"),
 }
 
 

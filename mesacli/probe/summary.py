@@ -81,6 +81,20 @@ def _prop2(r: dict) -> list[str]:
     return lines
 
 
+def _compress(r: dict) -> list[str]:
+    lines = ["| model | seq.-avg test loss |", "|---|---|"]
+    lines += [f"| {name} | {_f(v)} |" for name, v in r["seq_avg_loss"].items()]
+    change = ", ".join(f"layer {i + 1}: QK {c['qk']:.2f}, VP {c['vp']:.2f}" for i, c in enumerate(r["relative_change"]))
+    lines += ["", f"Parameters per head: {r['params_per_head']['original']} -> {r['params_per_head']['compressed']}. "
+                  f"Relative Frobenius change of the products: {change}."]
+    if "interpolation" in r:
+        last = r["interpolation"][-1]
+        lines.append(f"Interpolation run ({last['step']} steps): retrained model {_f(last['model'])}, "
+                     f"50/50 interpolation {_f(last['interpolation'])} (figure compress_interpolation.png).")
+    lines += [f"Paper: {r['paper']['claim']}.", "", "Figures: compress_loss.png."]
+    return lines
+
+
 def _generic(r: dict) -> list[str]:
     lines = []
     for key in ("seq_avg_loss", "ratio", "per_layer"):
@@ -91,7 +105,7 @@ def _generic(r: dict) -> list[str]:
     return lines
 
 
-FORMATTERS = {"prop1": _prop1, "probes": _probes, "binding": _binding, "prop2": _prop2}
+FORMATTERS = {"prop1": _prop1, "probes": _probes, "binding": _binding, "prop2": _prop2, "compress": _compress}
 TITLES = {"prop1": "Proposition 1: one step of mesa-gradient descent", "probes": "Linear probes across depth",
           "binding": "Token binding (first layer)", "prop2": "Proposition 2: preconditioned solvers",
           "compress": "CompressedAlg: block-diagonal-mean compression", "linearize": "Linearization"}
