@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from mesacli import baselines, model, tasks
 from mesacli.cli import app
 from mesacli.errors import MesaError
-from mesacli.probe import common, compress, linprobe, prop1, run_probe, solvers
+from mesacli.probe import common, compress, linearize, linprobe, prop1, run_probe, solvers
 from mesacli.spec import spec_from_dict
 
 # A tiny constructed-token LSA-1 (n_s = 4, tokens [0, 0, s_t, s_{t-1}] of size 16).
@@ -25,7 +25,8 @@ TINY_LSA1 = {
     "train": {"steps": 20, "batch_size": 16, "lr": 1e-2, "eval_batches": 2, "eval_every": 10,
               "checkpoint_every": 10, "log_every": 5},
 }
-FAST = {"prop2_train_steps": 40, "attention_sequences": 128, "interpolation_steps": 4}
+FAST = {"prop2_train_steps": 40, "attention_sequences": 128, "interpolation_steps": 4, "distil_steps": 60,
+        "distil_lr": 1e-2}
 
 
 def random_obs(seed=0, b=32, t=12, n=4):
@@ -194,7 +195,7 @@ def test_probe_writes_every_analysis(probed, tiny_run):
         assert (out / f"{name}.json").exists()
     for png in ("prop1_loss.png", "prop1_cosine.png", "prop1_weights.png", "probes_depth.png",
                 "binding_token_probe.png", "binding_attention.png", "prop2_loss.png", "compress_loss.png",
-                "compress_interpolation.png"):
+                "compress_interpolation.png", "linearize_distillation.png"):
         assert (out / png).stat().st_size > 1000, png
     text = (out / "summary.md").read_text()
     assert "Proposition 1" in text and "0.032" in text and "Linear probes" in text
@@ -268,6 +269,24 @@ def test_compress_on_the_tiny_run(probed, tiny_run):
     # 1 layer: the compressed model is GD-1 with eta_eff (up to the s_{t-1} -> output blocks it also keeps)
     assert r["eta_eff"] == pytest.approx(probed.results["prop1"]["eta_eff"], rel=1e-6)
     assert [row["step"] for row in r["interpolation"]] == [0, 1, 2, 3, 4]
+
+
+def test_linearize_on_the_tiny_run(probed, tiny_run):
+    from mesacli.train import load_params
+
+    r = probed.results["linearize"]
+    row = r["per_layer"][0]
+    assert row["distil_mse_last"] < 0.5 * row["distil_mse_first"]  # the distillation learns
+    assert r["original_loss"] == pytest.approx(probed.results["prop1"]["seq_avg_loss"]["model"], rel=1e-4)
+    spec, params, _ = load_params(tiny_run)
+    batch = common.test_batches(spec)[0]
+    np.testing.assert_allclose(np.asarray(linearize.apply_with_kinds(params, batch.tokens_BTI, spec, ("linear",))),
+                               np.asarray(model.apply(params, batch.tokens_BTI, spec)[0]), rtol=1e-6)
+    # a linear layer replaced by itself (the original weights, no training) leaves the loss unchanged
+    repl, _ = linearize.distil_layer(params, spec, 0, steps=1, lr=0.0, init="original")
+    same = linearize.swap_in(params, repl, 0)
+    np.testing.assert_allclose(np.asarray(model.apply(same, batch.tokens_BTI, spec)[0]),
+                               np.asarray(model.apply(params, batch.tokens_BTI, spec)[0]), rtol=1e-6)
 
 
 def test_compressing_block_scalar_weights_is_the_identity():

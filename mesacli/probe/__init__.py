@@ -25,6 +25,7 @@ ANALYSES: dict[str, tuple[str, str]] = {
     "binding": ("mesacli.probe.binding", "token binding: layer-1 output probed on s_{t'}, layer-1 attention maps"),
     "prop2": ("mesacli.probe.solvers", "Prop. 2: Neumann / Chebyshev preconditioned solvers vs the model"),
     "compress": ("mesacli.probe.compress", "CompressedAlg: block-diagonal-mean compression of every head"),
+    "linearize": ("mesacli.probe.linearize", "per layer, distil a linear-attention replacement"),
 }
 
 

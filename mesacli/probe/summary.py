@@ -95,6 +95,16 @@ def _compress(r: dict) -> list[str]:
     return lines
 
 
+def _linearize(r: dict) -> list[str]:
+    lines = [f"Original test loss {_f(r['original_loss'])}; {r['distil_steps']} distillation steps per layer "
+             f"(init {r['init']}).", "", "| layer | kind | distil MSE first -> last | loss with the layer linearized "
+             "| ratio to original |", "|---|---|---|---|---|"]
+    lines += [f"| {row['layer']} | {row['kind']} | {_f(row['distil_mse_first'], 3)} -> {_f(row['distil_mse_last'], 3)}"
+              f" | {_f(row['loss'])} | {_f(row['ratio'], 3)} |" for row in r["per_layer"]]
+    lines += ["", f"Paper: {r['paper']['claim']}.", "", "Figure: linearize_distillation.png."]
+    return lines
+
+
 def _generic(r: dict) -> list[str]:
     lines = []
     for key in ("seq_avg_loss", "ratio", "per_layer"):
@@ -105,7 +115,8 @@ def _generic(r: dict) -> list[str]:
     return lines
 
 
-FORMATTERS = {"prop1": _prop1, "probes": _probes, "binding": _binding, "prop2": _prop2, "compress": _compress}
+FORMATTERS = {"prop1": _prop1, "probes": _probes, "binding": _binding, "prop2": _prop2, "compress": _compress,
+              "linearize": _linearize}
 TITLES = {"prop1": "Proposition 1: one step of mesa-gradient descent", "probes": "Linear probes across depth",
           "binding": "Token binding (first layer)", "prop2": "Proposition 2: preconditioned solvers",
           "compress": "CompressedAlg: block-diagonal-mean compression", "linearize": "Linearization"}
