@@ -130,6 +130,21 @@ def test_the_papers_chebyshev_coefficients_beat_six_neumann_steps():
     assert ridge < loss["paper"] < 0.9 * loss["neumann"]
 
 
+def test_chebyshev_probe_target_approximates_the_exact_one():
+    obs, _ = orthogonal_sequences(seed=7, b=8)
+    exact = linprobe.preconditioned_inputs(obs, 1e-3, "exact")
+    cheb = linprobe.preconditioned_inputs(obs, 1e-3, "chebyshev")
+    neumann = solvers.chebyshev_preconditioned(obs, 1e-3, [1.0] * 6, [0.0] * 6)
+    late = slice(20, None)  # once S_{t-1} S_{t-1}^T is well conditioned
+
+    def err(x):
+        return np.linalg.norm(x[:, late] - exact[:, late]) / np.linalg.norm(exact[:, late])
+
+    assert err(cheb) < 0.9 * err(neumann)  # 6 steps are far from exact, but better than Neumann
+    with pytest.raises(MesaError, match="unknown preconditioner"):
+        linprobe.preconditioned_inputs(obs, 1e-3, "cg")
+
+
 # ----------------------------------------------------------------------------- Proposition 1 by construction
 
 
