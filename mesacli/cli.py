@@ -253,6 +253,7 @@ def probe(
                                               "chebyshev (the paper's learned 6-step coefficients)."),
     prop2_steps: int = typer.Option(2000, help="Adam steps to learn the Prop-2 solver coefficients (paper: 20k)."),
     prop2_k: Optional[int] = typer.Option(None, help="Prop-2 solver steps k (default: model layers - 1, at least 1)."),
+    gd1_phi0_steps: int = typer.Option(0, help="prop1: also fit GD-1 with a learned Phi_0 for this many Adam steps."),
     distil_steps: int = typer.Option(2000, help="Adam steps per layer for the linearize analysis (paper: 15k)."),
     distil_lr: float = typer.Option(1e-3, help="Adam learning rate of the linearize distillation (paper: 1e-3)."),
     interpolation_steps: int = typer.Option(0, help="compress: also retrain from the same initialisation for this "
@@ -266,7 +267,7 @@ def probe(
         raise MesaError(f"--precond must be exact or chebyshev, got {precond!r}")
     options = {"precond": precond, "prop2_train_steps": prop2_steps, "distil_steps": distil_steps,
                "distil_lr": distil_lr,
-               "interpolation_steps": interpolation_steps}
+               "interpolation_steps": interpolation_steps, "gd1_phi0_steps": gd1_phi0_steps}
     if prop2_k is not None:
         options["prop2_k"] = prop2_k
     report = (lambda message: err_console.print(message, highlight=False)) if progress else None

@@ -26,7 +26,7 @@ TINY_LSA1 = {
               "checkpoint_every": 10, "log_every": 5},
 }
 FAST = {"prop2_train_steps": 40, "attention_sequences": 128, "interpolation_steps": 4, "distil_steps": 60,
-        "distil_lr": 1e-2}
+        "distil_lr": 1e-2, "gd1_phi0_steps": 30}
 
 
 def random_obs(seed=0, b=32, t=12, n=4):
@@ -178,6 +178,16 @@ def test_eta_eff_of_hand_built_prop1_weights_and_gd1_equivalence():
     assert common.cosine(np.asarray(pred), gd)[:, 1:].min() > 1 - 1e-5  # t = 1 predicts 0 (s_0 = 0)
     cos = prop1.sensitivity_cosines(*prop1.model_sensitivities(params, spec, batch.obs_BTS[:4]))
     assert cos["current_token"][1:].min() > 1 - 1e-5 and cos["context"][1:].min() > 1 - 1e-5
+
+
+def test_gd1_with_phi0_zero_is_gd1_and_learning_phi0_helps(probed):
+    obs = random_obs(8)[:, :-1]
+    np.testing.assert_allclose(np.asarray(prop1.gd1_phi0_predictions(jnp.asarray(obs, jnp.float32), 0.1,
+                                                                     jnp.zeros((4, 4)))),
+                               baselines.gd1_predictions(obs, 0.1), rtol=1e-4, atol=1e-6)
+    phi0 = probed.results["prop1"]["gd1_learned_phi0"]
+    assert phi0["steps"] == 30 and phi0["history"][-1][1] < phi0["history"][0][1]
+    assert len(phi0["per_position_loss"]) == 8
 
 
 def test_prop1_refuses_other_models():

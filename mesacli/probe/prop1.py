@@ -47,6 +47,44 @@ def gd1_direction_jax(obs_BTS: jax.Array) -> jax.Array:
     return jnp.einsum("bts,bsi->bti", scores_BTT, obs_BTS)
 
 
+def gd1_phi0_predictions(obs_BTS: jax.Array, eta, phi_SS) -> jax.Array:
+    """One mesa-GD step from a learned Phi_0 (paper-spec 4.1):
+    s^_{t+1} = Phi_0 s_t + eta sum_{t'<=t} (s_{t'} - Phi_0 s_{t'-1}) s_{t'-1}^T s_t."""
+    prev = jnp.pad(obs_BTS, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+    scores_BTT = jnp.tril(jnp.einsum("bti,bsi->bts", obs_BTS, prev))
+    resid = obs_BTS - prev @ phi_SS.T
+    return obs_BTS @ phi_SS.T + eta * jnp.einsum("bts,bsi->bti", scores_BTT, resid)
+
+
+def learn_gd1_phi0(spec: Spec, eta0: float, steps: int, lr: float = 1e-3, batch_size: int = 128):
+    """Adam on the next-token loss of GD-1 with a learned (eta, Phi_0), from (eta0, 0); fresh batches from
+    fold_in(PRNGKey(train.seed + 4242), step). Returns (eta, Phi_0, [(step, loss)])."""
+    import optax
+
+    n = spec.task.obs_dim
+    params = {"eta": jnp.asarray(eta0, jnp.float32), "phi": jnp.zeros((n, n), jnp.float32)}
+    tx = optax.adam(lr)
+    state = tx.init(params)
+    key = jax.random.PRNGKey(spec.train.seed + 4242)
+
+    def loss_fn(p, batch):
+        return tasks.sequence_loss(gd1_phi0_predictions(batch.obs_BTS, p["eta"], p["phi"]), batch.targets_BTS)
+
+    @jax.jit
+    def step_fn(p, state, step):
+        batch = tasks.sample_batch(jax.random.fold_in(key, step), spec, batch_size)
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
+        updates, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, loss
+
+    history = []
+    for step in range(steps):
+        params, state, loss = step_fn(params, state, step)
+        if step % max(1, steps // 20) == 0 or step == steps - 1:
+            history.append((step, float(loss)))
+    return float(params["eta"]), np.asarray(params["phi"], np.float64), history
+
+
 def prediction_slots(spec: Spec) -> dict[str, list[int]]:
     """Unmasked constructed-token slots that carry s_t (query / value side) and s_{t-1} (key side)."""
     masked = set(spec.task.mask_slots)
@@ -119,6 +157,17 @@ def run(ctx: RunContext) -> dict:
         curves["gd1"].append(baselines.per_position_loss(baselines.gd1_predictions(obs, eta), tgt))
         curves["ridge"].append(baselines.per_position_loss(baselines.ridge_predictions(obs), tgt))
     model_curve, gd_curve, ridge_curve = (np.mean(curves[k], axis=0) for k in ("model", "gd1", "ridge"))
+    phi0_steps = int(ctx.options.get("gd1_phi0_steps", 0))
+    phi0 = None
+    if phi0_steps > 0:
+        ctx.say(f"prop1: learning GD-1's Phi_0 and eta ({phi0_steps} Adam steps)")
+        eta_phi, phi, history = learn_gd1_phi0(spec, eta, phi0_steps)
+        phi_fn = jax.jit(lambda obs: gd1_phi0_predictions(obs, eta_phi, jnp.asarray(phi, jnp.float32)))
+        phi_curve = np.mean([baselines.per_position_loss(np.asarray(phi_fn(b.obs_BTS)), np.asarray(b.targets_BTS))
+                             for b in test_batches(spec)], axis=0)
+        phi0 = {"eta": eta_phi, "phi0_diag_mean": float(np.trace(phi) / phi.shape[0]),
+                "phi0_fro": float(np.linalg.norm(phi)), "history": history, "seq_avg_loss": float(np.mean(phi_curve)),
+                "per_position_loss": phi_curve.tolist(), "steps": phi0_steps}
 
     ctx.say("prop1: prediction cosines and input sensitivities")
     pred_cos, sens = [], {"current_token": [], "context": []}
@@ -127,6 +176,8 @@ def run(ctx: RunContext) -> dict:
         obs = np.asarray(batch.obs_BTS)
         pred = np.asarray(apply(params, batch.tokens_BTI))
         pred_cos.append(cosine(pred, baselines.gd1_predictions(obs, eta)).mean(axis=0))
+        if phi0 is not None:
+            phi0.setdefault("cos", []).append(cosine(pred, np.asarray(phi_fn(batch.obs_BTS))).mean(axis=0))
         sub = batch.obs_BTS[: min(32, ctx.batch_size)]
         cos = sensitivity_cosines(*model_sensitivities(params, spec, sub))
         for key in sens:
@@ -134,6 +185,9 @@ def run(ctx: RunContext) -> dict:
     pred_cos_T = np.mean(pred_cos, axis=0)
     sens_T = {k: np.mean(v, axis=0) for k, v in sens.items()}
 
+    if phi0 is not None:
+        cos_T = np.mean(phi0.pop("cos"), axis=0)
+        phi0["prediction_cosine"] = {"mean": float(cos_T[1:].mean()), "per_position": cos_T.tolist()}
     qk, vp = token_space_products(params, spec)
     vp_out = readout_map(params, spec, vp)
     eta_eff, heads = effective_eta(qk, vp_out, spec)
@@ -143,8 +197,10 @@ def run(ctx: RunContext) -> dict:
                for h in range(qk.shape[0])]
     for h, head in enumerate(heads):
         head["qk_block_max_offdiag"] = offdiag[h]
-    figures.loss_curves({f"model @ {ctx.step}": model_curve, f"GD-1 (eta={eta:.4f})": gd_curve,
-                         "ridge LSQ": ridge_curve}, ctx.out_dir / "prop1_loss.png",
+    loss_curves = {f"model @ {ctx.step}": model_curve, f"GD-1 (eta={eta:.4f})": gd_curve, "ridge LSQ": ridge_curve}
+    if phi0 is not None:
+        loss_curves["GD-1 with learned Phi_0"] = np.asarray(phi0["per_position_loss"])
+    figures.loss_curves(loss_curves, ctx.out_dir / "prop1_loss.png",
                         f"{spec.name}: model vs one step of mesa-GD (Prop. 1)")
     figures.cosine_curves({"predictions": pred_cos_T, "d f_t / d s_t": sens_T["current_token"],
                            "d f_t / d s_{1..t}": sens_T["context"]}, ctx.out_dir / "prop1_cosine.png",
@@ -164,6 +220,7 @@ def run(ctx: RunContext) -> dict:
         "prediction_cosine": {"mean": float(pred_cos_T[1:].mean()), "per_position": pred_cos_T.tolist()},
         "sensitivity_cosine": {k: {"mean": float(v[1:].mean()), "per_position": v.tolist()}
                                for k, v in sens_T.items()},
+        "gd1_learned_phi0": phi0,
         "block_means": {"qk": block_diag_means(qk, n).tolist(), "vp": block_diag_means(vp, n).tolist()},
         "paper": {"gd1_eta": 0.032, "eta_eff": 0.033, "gd1_seq_loss": 0.90,
                   "claim": "a trained LSA-1 implements one step of mesa-GD: its loss, predictions and "

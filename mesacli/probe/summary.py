@@ -31,6 +31,10 @@ def _prop1(r: dict) -> list[str]:
         "",
         "| head | QK block | VP block | product | max off-diag in QK block |", "|---|---|---|---|---|",
     ]
+    phi0 = r.get("gd1_learned_phi0")
+    if phi0:
+        lines[10:10] = [f"| GD-1 with learned Phi_0 ({phi0['steps']} Adam steps): loss / prediction cosine | "
+                      f"{_f(phi0['seq_avg_loss'])} / {_f(phi0['prediction_cosine']['mean'], 3)} | 'perfect fit' |"]
     lines += [f"| {h['head'] + 1} | {_f(h['qk_block'])} | {_f(h['vp_block'])} | {_f(h['product'])} | "
               f"{_f(h.get('qk_block_max_offdiag'), 3)} |" for h in r["heads"]]
     lines += ["", "Paper: head 1 ~ 0.17 x 0.16, head 2 ~ (-0.088) x (-0.070), off-diagonals < 0.01.",
