@@ -252,7 +252,7 @@ def probe(
     precond: str = typer.Option("exact", help="Preconditioned-input probe target: exact (float64 solve) or "
                                               "chebyshev (the paper's learned 6-step coefficients)."),
     prop2_steps: int = typer.Option(2000, help="Adam steps to learn the Prop-2 solver coefficients (paper: 20k)."),
-    prop2_k: Optional[int] = typer.Option(None, help="Prop-2 solver steps k (default: model layers - 1, at least 1)."),
+    prop2_k: Optional[int] = typer.Option(None, help="Prop-2 solver steps k (default: model layers - 1)."),
     gd1_phi0_steps: int = typer.Option(0, help="prop1: also fit GD-1 with a learned Phi_0 for this many Adam steps."),
     distil_steps: int = typer.Option(2000, help="Adam steps per layer for the linearize analysis (paper: 15k)."),
     distil_lr: float = typer.Option(1e-3, help="Adam learning rate of the linearize distillation (paper: 1e-3)."),

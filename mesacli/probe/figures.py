@@ -40,7 +40,7 @@ def cosine_curves(curves: dict[str, np.ndarray], path: Path, title: str) -> None
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in curves.items():
         curve = np.asarray(curve)
-        ax.plot(np.arange(1, len(curve) + 1), curve, label=f"{name} (mean {curve.mean():.3f})")
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=f"{name} (mean over t>=2: {curve[1:].mean():.3f})")
     ax.set_ylim(min(0.0, min(float(np.min(c)) for c in curves.values())), 1.05)
     ax.set_xlabel("position t")
     ax.set_ylabel("cosine similarity")
@@ -85,7 +85,7 @@ def depth_curves(layers: np.ndarray, series: dict[str, dict[int, np.ndarray]], p
     fig, axes = plt.subplots(1, len(positions), figsize=(4 * len(positions), 3.6), squeeze=False)
     for ax, t in zip(axes[0], positions, strict=True):
         for name, per_t in series.items():
-            ax.plot(layers, per_t[t], "o-", label=name)
+            ax.plot(layers, np.maximum(per_t[t], 1e-8), "o-", label=name)  # exact fits shown at 1e-8
         ax.set_yscale("log")
         ax.set_xlabel("layer (0 = input)")
         ax.set_title(f"t = {t}", fontsize=9)

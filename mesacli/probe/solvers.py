@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from mesacli import baselines, tasks
+from mesacli.errors import MesaError
 from mesacli.probe.common import RunContext, context_gram
 from mesacli.spec import Spec
 
@@ -111,8 +112,6 @@ def solver_curve(spec: Spec, alphas, betas, lam: float = 1e-3) -> np.ndarray:
 
 
 def check_applicable(spec: Spec) -> None:
-    from mesacli.errors import MesaError
-
     if spec.task.kind in ("partial", "nonlinear"):
         raise MesaError(f"prop2 solvers run on fully observed linear tasks; this run's task is '{spec.task.kind}' "
                         f"(the partial/nonlinear variants of paper-spec 4.3 are not implemented)")
@@ -125,22 +124,28 @@ def run(ctx: RunContext) -> dict:
     spec = ctx.spec
     check_applicable(spec)
     layers = spec.model.layers
-    k = int(ctx.options.get("prop2_k", max(layers - 1, 1)))
+    k = int(ctx.options.get("prop2_k", layers - 1))
+    if k < 0:
+        raise MesaError(f"prop2: the number of solver steps k must be >= 0, got {k}")
     steps = int(ctx.options.get("prop2_train_steps", 2000))
     lr = float(ctx.options.get("prop2_lr", 1e-2))
     lam = 1e-3
     model_curve = make_evaluator(spec, make_mesh())(ctx.params)
-    ctx.say(f"prop2: learning {k}-step Neumann step sizes ({steps} Adam steps)")
-    log_every = max(1, steps // 50)
-    a_n, b_n, hist_n = learn_coefficients(spec, k, momentum=False, steps=steps, lr=lr, lam=lam, log_every=log_every)
-    ctx.say(f"prop2: learning {k}-step Chebyshev alpha/beta ({steps} Adam steps)")
-    a_c, b_c, hist_c = learn_coefficients(spec, k, momentum=True, steps=steps, lr=lr, lam=lam, log_every=log_every)
-    curves = {
-        f"model ({layers} layers)": model_curve,
-        f"Neumann k={k} (alpha=1)": solver_curve(spec, [1.0] * k, [0.0] * k, lam),
-        f"Neumann k={k} (learned alpha)": solver_curve(spec, a_n, b_n, lam),
-        f"Chebyshev k={k} (learned alpha, beta)": solver_curve(spec, a_c, b_c, lam),
-    }
+    if k > 0 and steps > 0:
+        log_every = max(1, steps // 50)
+        ctx.say(f"prop2: learning {k}-step Neumann step sizes ({steps} Adam steps)")
+        a_n, b_n, hist_n = learn_coefficients(spec, k, momentum=False, steps=steps, lr=lr, lam=lam,
+                                              log_every=log_every)
+        ctx.say(f"prop2: learning {k}-step Chebyshev alpha/beta ({steps} Adam steps)")
+        a_c, b_c, hist_c = learn_coefficients(spec, k, momentum=True, steps=steps, lr=lr, lam=lam,
+                                              log_every=log_every)
+    else:  # k = 0: Inv_0(A) = I / ||A||_F has no coefficients (a GD step with a normalised learning rate)
+        a_n, b_n, hist_n, a_c, b_c, hist_c = [1.0] * k, [0.0] * k, [], [1.0] * k, [0.0] * k, []
+    curves = {f"model ({layers} layer{'s' if layers > 1 else ''})": model_curve,
+              f"Neumann k={k} (alpha=1)": solver_curve(spec, [1.0] * k, [0.0] * k, lam)}
+    if hist_n:
+        curves[f"Neumann k={k} (learned alpha)"] = solver_curve(spec, a_n, b_n, lam)
+        curves[f"Chebyshev k={k} (learned alpha, beta)"] = solver_curve(spec, a_c, b_c, lam)
     if k == 6:
         curves["Chebyshev k=6 (paper's alpha, beta)"] = solver_curve(spec, *PAPER_CHEBYSHEV_LINEAR, lam)
     eval_ridge = [baselines.per_position_loss(baselines.ridge_predictions(np.asarray(b.obs_BTS), lam),
@@ -148,9 +153,10 @@ def run(ctx: RunContext) -> dict:
     curves[f"exact ridge LSQ (lam={lam:g})"] = np.mean(eval_ridge, axis=0)
     figures.loss_curves(curves, ctx.out_dir / "prop2_loss.png",
                         f"{spec.name}: Proposition-2 solvers (k={k} steps) vs the model")
-    figures.steps_curves({"Neumann (learned alpha)": tuple(map(np.array, zip(*hist_n, strict=True))),
-                          "Chebyshev (learned alpha, beta)": tuple(map(np.array, zip(*hist_c, strict=True)))},
-                         ctx.out_dir / "prop2_training.png", f"{spec.name}: learning the solver coefficients")
+    if hist_n:
+        figures.steps_curves({"Neumann (learned alpha)": tuple(map(np.array, zip(*hist_n, strict=True))),
+                              "Chebyshev (learned alpha, beta)": tuple(map(np.array, zip(*hist_c, strict=True)))},
+                             ctx.out_dir / "prop2_training.png", f"{spec.name}: learning the solver coefficients")
     return {
         "analysis": "prop2",
         "step": ctx.step,
