@@ -85,3 +85,24 @@ def dump_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)
+
+
+def restore_latest(directory: Path, make_template: Any) -> tuple[Any, dict, int] | None:
+    """(state, meta, step) of the latest checkpoint in ``directory``, or None if there is none.
+
+    ``make_template(meta)`` gives the abstract state (structure, shapes, dtypes) from the stored meta, so a caller
+    can restore arrays whose shapes it only learns from the checkpoint (e.g. a tuned prompt prefix).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    ckpts = Checkpoints(directory, read_only=True)
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            return None
+        meta = ckpts.restore_meta(step)
+        state, meta = ckpts.restore(make_template(meta), step)
+    finally:
+        ckpts.close()
+    return state, meta, step

@@ -84,6 +84,9 @@ def train(
     overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                                         help="Override a spec value, e.g. --set model.layers=4 (repeatable)."),
     run_dir: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<spec name>)."),
+    seeds: Optional[int] = typer.Option(
+        None, "--seeds", min=1,
+        help="Train N seeds in one program (replica i = the plain run with train.seed + i); = --set train.seeds=N."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved spec, then stop."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     stop_at: Optional[int] = typer.Option(None, hidden=True, help="End the session after this step (testing)."),
@@ -91,7 +94,7 @@ def train(
     """Train a model on a synthetic sequence task; resumes if RUN_DIR already has checkpoints."""
     from mesacli.spec import load_spec, spec_to_yaml
 
-    spec = load_spec(spec_path, overrides)
+    spec = load_spec(spec_path, list(overrides) + ([f"train.seeds={seeds}"] if seeds is not None else []))
     if dry_run:
         console.print(spec_to_yaml(spec), highlight=False, markup=False)
         return
@@ -111,6 +114,13 @@ def train(
     console.print(_loss_table(f"{spec.name} ({run_dir})", [(spec.name, {
         "curve": result.eval_curve, "params": count_params(result.params), "steps": result.step,
         "seconds": result.seconds})], positions=_positions(spec.task.seq_len)))
+    if result.eval_curves is not None and len(result.eval_curves) > 1:
+        from mesacli.train import replica_seeds
+
+        per_seed = result.eval_curves.mean(axis=1)
+        each = ", ".join(f"seed {s}: {x:.4f}" for s, x in zip(replica_seeds(spec.train), per_seed, strict=True))
+        console.print(f"{len(per_seed)} seeds: sequence-averaged test loss {per_seed.mean():.4f} "
+                      f"± {per_seed.std():.4f} ({each})")
     console.print(f"outputs: {run_dir}/metrics.jsonl, eval_curve.json, loss_per_position.png, training_curve.png")
 
 
@@ -239,6 +249,40 @@ def bench(
     console.print(f"results: {out}")
 
 
+@app.command("bench-seeds")
+@_user_errors
+def bench_seeds(
+    spec_paths: List[Path] = typer.Argument(..., metavar="SPEC.yaml...", help="Specs to benchmark."),
+    seeds: int = typer.Option(8, help="Replicas in one program (S)."),
+    steps: int = typer.Option(10, help="Steps per timed block."),
+    repeats: int = typer.Option(3, help="Timed blocks (the median is reported)."),
+    out: Path = typer.Option(Path("bench_seeds.json"), help="Where the JSON results are written."),
+    overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="Override a spec value."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Say what is running on stderr."),
+):
+    """Training throughput: 1 seed, S seeds in one program (vmap), and S sequential runs."""
+    from mesacli.checkpoint import dump_json
+    from mesacli.seeds_bench import run_seeds_bench
+    from mesacli.spec import load_spec
+
+    loaded = [load_spec(p, overrides) for p in spec_paths]
+    say = (lambda message: err_console.print(message, highlight=False)) if progress else None
+    results = [run_seeds_bench(spec, seeds=seeds, steps=steps, repeats=repeats, progress=say) for spec in loaded]
+    table = Table(title=f"training throughput on {results[0]['devices']} {results[0]['platform']} device(s), "
+                        f"median of {repeats} x {steps} steps")
+    for column in ("spec", "batch", "1 seed steps/s", f"{seeds} seeds in one program: steps/s",
+                   "replica-steps/s", f"{seeds} sequential runs: replica-steps/s", "speed-up", "compile s (1 / S)"):
+        table.add_column(column, justify="left" if column == "spec" else "right")
+    for r in results:
+        table.add_row(r["spec"], str(r["batch_size"]), f"{r['one_seed']['steps_per_s']:.2f}",
+                      f"{r['one_program']['steps_per_s']:.2f}", f"{r['one_program']['replica_steps_per_s']:.2f}",
+                      f"{r['sequential_runs']['replica_steps_per_s']:.2f}", f"{r['speedup_vs_sequential']:.2f}x",
+                      f"{r['one_seed']['compile_s']:.1f} / {r['one_program']['compile_s']:.1f}")
+    console.print(table)
+    dump_json(out, {"results": results})
+    console.print(f"results: {out}")
+
+
 @app.command()
 @_user_errors
 def probe(
@@ -315,6 +359,89 @@ def specs():
         first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
         table.add_row(path.name, first)
     console.print(table)
+
+
+def _icl_table(report) -> Table:
+    """Per-example label loss at examples 1, 5, 10, 20, 40, 68 (those that exist): mean +- std over seeds."""
+    from mesacli.icl import REPORT_EXAMPLES
+
+    shown = [i for i in REPORT_EXAMPLES if i <= report.n_examples] or [report.n_examples]
+    if report.n_examples not in shown and report.n_examples < REPORT_EXAMPLES[-1]:
+        shown.append(report.n_examples)
+    meta = report.meta
+    title = (f"{report.spec.name} @ step {report.step}: in-context regression label loss, mean ± std over "
+             f"{meta['seeds']} seeds x {meta['batch']} prompts (x ~ {meta['x_dist_source']})")
+    if meta["continual_switch_at"]:
+        title += f"; task switch after example {meta['continual_switch_at']}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("model / baseline")
+    for i in shown:
+        table.add_column(f"i={i}", justify="right")
+    for name, curve in report.curves.items():
+        table.add_row(name, *[f"{curve['mean'][i - 1]:.4f} ± {curve['std'][i - 1]:.4f}" for i in shown])
+        if "median" in curve:
+            table.add_row(f"  {name.rsplit(' (', 1)[0]}, median", *[f"{curve['median'][i - 1]:.4f}" for i in shown])
+    return table
+
+
+@app.command("icl-eval")
+@_user_errors
+def icl_eval(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `mesacli train` (a fully observed task)."),
+    prompt: str = typer.Option("plain", help="plain | eos | tuned (tuned EOS + prefix), or a comma-separated list."),
+    examples: Optional[int] = typer.Option(None, help="Examples per prompt (default: as many as fit the context)."),
+    seeds: int = typer.Option(5, help="Data seeds (the spread is the std over seeds)."),
+    batch: int = typer.Option(128, help="Prompts per seed."),
+    lam: float = typer.Option(1e-3, help="Ridge lambda of the LSQ baselines."),
+    continual: bool = typer.Option(False, "--continual", help="Two tasks: a new W* after --switch-at examples."),
+    switch_at: Optional[int] = typer.Option(None, help="Examples of task 1 (default: 21/68 of the examples)."),
+    x_dist: str = typer.Option("uniform", help="uniform: x ~ U(-1,1) (authors' code); normal: N(0, I) (paper)."),
+    data_seed: int = typer.Option(0, help="Base seed of the evaluation prompts."),
+    step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the latest)."),
+):
+    """Few-shot in-context regression with the frozen model (paper section 5), next to LSQ and GD-1 baselines."""
+    from mesacli.icl import icl_eval as run_icl_eval
+
+    report = run_icl_eval(run_dir, prompt, n_examples=examples, seeds=seeds, batch=batch, lam=lam,
+                          continual=continual, switch_at=switch_at, x_dist=x_dist, data_seed=data_seed, step=step)
+    console.print(_icl_table(report))
+    console.print(f"outputs: {report.json_path}, {report.plot_path}")
+
+
+@app.command("prompt-tune")
+@_user_errors
+def prompt_tune(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `mesacli train` (kept frozen)."),
+    what: str = typer.Option("eos", help="eos | prefix (needs a tuned EOS) | both (EOS, then the prefix)."),
+    steps: int = typer.Option(5000, help="Adam steps per stage."),
+    prefix_len: int = typer.Option(20, help="Prefix tokens P."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    batch: int = typer.Option(64, help="Prompts per step (authors' code: 64 for EOS, 128 for the prefix)."),
+    examples: Optional[int] = typer.Option(None, help="Examples per prompt (default: as many as fit)."),
+    x_dist: str = typer.Option("uniform", help="uniform (authors' code) or normal (paper)."),
+    seed: int = typer.Option(0, help="Seed of the initial tokens and the tuning prompts."),
+    checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps (resume from the latest)."),
+    step: Optional[int] = typer.Option(None, help="Model checkpoint step (default: the latest)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    stop_at: Optional[int] = typer.Option(None, hidden=True, help="End the session after this step (testing)."),
+):
+    """Tune the EOS token and/or a prompt prefix of a frozen run on label-prediction loss; resumable."""
+    from mesacli.prompt_tune import TuneConfig
+    from mesacli.prompt_tune import prompt_tune as run_prompt_tune
+
+    cfg = TuneConfig(steps=steps, lr=lr, batch=batch, prefix_len=prefix_len, n_examples=examples, x_dist=x_dist,
+                     seed=seed, checkpoint_every=checkpoint_every)
+    results = run_prompt_tune(run_dir, what, cfg, progress=progress, model_step=step, stop_at_step=stop_at)
+    table = Table(title=f"prompt-tune {run_dir} (model frozen; label loss on held-out prompts)", title_justify="left")
+    for name in ("stage", "steps", "held-out before", "held-out after", "time", "outputs"):
+        table.add_column(name, justify="left" if name in ("stage", "outputs") else "right")
+    for r in results:
+        resumed = f" (resumed from {r.resumed_from})" if r.resumed_from is not None else ""
+        table.add_row(r.stage, f"{r.step}{resumed}", f"{r.heldout_before:.4f}", f"{r.heldout_after:.4f}",
+                      f"{r.seconds:.0f}s", f"{r.loss_path}, {r.plot_path}")
+    console.print(table)
+    if results[-1].step < steps:
+        console.print(f"stopped at step {results[-1].step} of {steps}; run the same command again to resume")
 
 
 def main() -> None:

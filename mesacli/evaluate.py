@@ -10,7 +10,7 @@ import numpy as np
 from mesacli import baselines, plots
 from mesacli.checkpoint import dump_json
 from mesacli.spec import Spec
-from mesacli.train import load_params, make_evaluator, make_mesh
+from mesacli.train import load_params, make_evaluator, make_mesh, replica_seeds
 
 
 @dataclasses.dataclass
@@ -21,6 +21,7 @@ class EvalReport:
     gd1_eta: float | None
     json_path: Path
     plot_path: Path
+    per_seed: np.ndarray  # [S, T] per-position loss of every replica (S = 1 for a plain run)
 
 
 def evaluate_run(run_dir: str | Path, step: int | None = None, with_baselines: bool = True) -> EvalReport:
@@ -28,18 +29,27 @@ def evaluate_run(run_dir: str | Path, step: int | None = None, with_baselines: b
     line-searched) and ridge LSQ; writes RUN_DIR/eval_step<N>.json and .png."""
     run_dir = Path(run_dir)
     spec, params, at_step = load_params(run_dir, step)
-    curves = {f"{spec.name} @ {at_step}": make_evaluator(spec, make_mesh())(params)}
+    stacked = spec.train.seeds > 1
+    per_seed = np.atleast_2d(make_evaluator(spec, make_mesh(replicas=spec.train.seeds), stacked=stacked)(params))
+    label = f"{spec.name} @ {at_step}" + (f" ({spec.train.seeds} seeds, mean ± std)" if stacked else "")
+    curves = {label: per_seed.mean(axis=0)}
     eta = None
     if with_baselines:
         baseline_curves, eta = baselines.baseline_curves(spec)
         curves.update(baseline_curves)
     json_path, plot_path = run_dir / f"eval_step{at_step}.json", run_dir / f"eval_step{at_step}.png"
     model_curve = next(iter(curves.values()))
-    dump_json(json_path, {
+    record = {
         "step": at_step, "seq_avg_loss": float(np.mean(model_curve)),
         "per_position_loss": [float(x) for x in model_curve], "gd1_eta": eta,
         "baselines": {name: [float(x) for x in c] for name, c in list(curves.items())[1:]},
-    })
+    }
+    if stacked:
+        seeds = replica_seeds(spec.train)
+        record.update(seq_avg_loss_std=float(per_seed.mean(axis=1).std()), seeds=seeds,
+                      per_seed={str(s): {"seq_avg_loss": float(c.mean()), "per_position_loss": c.tolist()}
+                                for s, c in zip(seeds, per_seed, strict=True)})
+    dump_json(json_path, record)
     plots.per_position_plot(curves, plot_path, title=f"{spec.name}: test loss per position (step {at_step})",
-                            dashed=tuple(list(curves)[1:]))
-    return EvalReport(spec, at_step, curves, eta, json_path, plot_path)
+                            dashed=tuple(list(curves)[1:]), bands={label: per_seed.std(axis=0)} if stacked else None)
+    return EvalReport(spec, at_step, curves, eta, json_path, plot_path, per_seed)

@@ -104,6 +104,7 @@ class TrainSpec:
     grad_clip: float | None = 1.0
     grad_clip_kind: str = "elementwise"  # elementwise (authors' code: optax.clip) | global_norm (paper text)
     seed: int = 0  # init key and data stream: fold_in(seed, step)
+    seeds: int = 1  # replicas trained in one program; replica i is the plain run with seed + i
     eval_seed: int = 12345  # fixed test batches
     eval_batches: int = 10
     eval_every: int = 500
@@ -329,7 +330,7 @@ def validate(spec: Spec) -> None:
         ("train.steps", train.steps), ("train.batch_size", train.batch_size), ("train.lr", train.lr),
         ("train.eval_batches", train.eval_batches), ("train.eval_every", train.eval_every),
         ("train.log_every", train.log_every), ("train.checkpoint_every", train.checkpoint_every),
-        ("train.keep_checkpoints", train.keep_checkpoints),
+        ("train.keep_checkpoints", train.keep_checkpoints), ("train.seeds", train.seeds),
     ]:
         _positive(value, path)
     for path, value in [("task.state_noise", task.state_noise), ("task.obs_noise", task.obs_noise),

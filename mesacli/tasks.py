@@ -104,9 +104,13 @@ def sample_batch(key: jax.Array, spec: Spec, batch_size: int) -> Batch:
     return Batch(make_tokens(spec.task, obs), s_all[:, 1:], obs)
 
 
+def data_key(seed: int | jax.Array, step: int | jax.Array) -> jax.Array:
+    """The key of the training batch of ``step`` for ``seed``: fold_in(fold_in(PRNGKey(seed), 1), step)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 1), step)
+
+
 def train_batch_key(spec: Spec, step: int | jax.Array) -> jax.Array:
-    data_key = jax.random.fold_in(jax.random.PRNGKey(spec.train.seed), 1)
-    return jax.random.fold_in(data_key, step)
+    return data_key(spec.train.seed, step)
 
 
 def eval_batch_key(spec: Spec, index: int) -> jax.Array:

@@ -3,6 +3,11 @@
 Randomness: params from ``fold_in(PRNGKey(seed), 0)``; the batch of step s from
 ``fold_in(fold_in(PRNGKey(seed), 1), s)``, generated on device inside the step.  A run resumed
 from a checkpoint therefore follows exactly the curve of an uninterrupted run.
+
+Seeds in one program (``train.seeds = S > 1``): parameters and optimiser state carry a leading replica
+axis, the step is ``vmap``-ed over it, and replica i uses seed ``train.seed + i`` for its init and its
+data, so it equals the plain run with that seed.  The mesh is then ("replica", "data"): the replica
+axis is sharded over gcd(S, devices) devices, the batch of every replica over the rest.
 """
 
 from __future__ import annotations
@@ -61,25 +66,58 @@ def make_optimizer(train: TrainSpec) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def make_mesh(devices: list | None = None) -> Mesh:
-    """One ("data",) axis over all devices: params replicated, batch sharded."""
+def make_mesh(devices: list | None = None, replicas: int = 1) -> Mesh:
+    """One ("data",) axis over all devices: params replicated, batch sharded.  With ``replicas`` > 1
+    (seeds in one program): ("replica", "data") with gcd(replicas, devices) devices on the replica axis."""
     devices = jax.devices() if devices is None else devices
-    return Mesh(np.array(devices), ("data",))
+    if replicas == 1:
+        return Mesh(np.array(devices), ("data",))
+    r = math.gcd(replicas, len(devices))
+    return Mesh(np.array(devices).reshape(r, len(devices) // r), ("replica", "data"))
 
 
 def check_batch_divides(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> None:
-    n = mesh.devices.size
+    n = mesh.shape["data"]
     if batch_size % n:
         raise MesaError(f"{what} ({batch_size}) must be a multiple of the number of devices ({n})")
+
+
+def replica_seeds(train: TrainSpec) -> list[int]:
+    """Replica i of a ``train.seeds = S`` run is the plain run with seed ``train.seed + i``."""
+    return [train.seed + i for i in range(train.seeds)]
+
+
+def replicas(spec: Spec, params) -> list[tuple[int, Any]]:
+    """[(seed, params)] for every replica of a run's (possibly stacked) parameters."""
+    if spec.train.seeds == 1:
+        return [(spec.train.seed, params)]
+    return [(seed, jax.tree_util.tree_map(lambda x, i=i: x[i], params))
+            for i, seed in enumerate(replica_seeds(spec.train))]
+
+
+def _state_sharding(spec: Spec, mesh: Mesh) -> dict:
+    replicated = NamedSharding(mesh, PartitionSpec())
+    per_replica = replicated if spec.train.seeds == 1 else NamedSharding(mesh, PartitionSpec("replica"))
+    return {"params": per_replica, "opt_state": per_replica, "step": replicated}
 
 
 # ----------------------------------------------------------------------------- state and step
 
 
 def init_state(spec: Spec, mesh: Mesh) -> dict:
-    params = model.init(jax.random.fold_in(jax.random.PRNGKey(spec.train.seed), 0), spec)
-    state = {"params": params, "opt_state": make_optimizer(spec.train).init(params), "step": jnp.array(0, jnp.int32)}
-    return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    """Params from fold_in(PRNGKey(seed), 0) and a fresh optimiser state (stacked over replicas)."""
+    tx = make_optimizer(spec.train)
+
+    def init_replica(seed):
+        params = model.init(jax.random.fold_in(jax.random.PRNGKey(seed), 0), spec)
+        return params, tx.init(params)
+
+    if spec.train.seeds == 1:
+        params, opt_state = init_replica(spec.train.seed)
+    else:
+        params, opt_state = jax.jit(jax.vmap(init_replica))(jnp.array(replica_seeds(spec.train)))
+    state = {"params": params, "opt_state": opt_state, "step": jnp.array(0, jnp.int32)}
+    return jax.device_put(state, _state_sharding(spec, mesh))
 
 
 def loss_fn(params, batch: tasks.Batch, spec: Spec):
@@ -88,22 +126,36 @@ def loss_fn(params, batch: tasks.Batch, spec: Spec):
 
 
 def make_train_step(spec: Spec, mesh: Mesh) -> Callable[[dict], tuple[dict, dict]]:
-    """The one jitted step: sample the step's batch on device (sharded over "data"), AdamW update."""
+    """The one jitted step: sample the step's batch on device (sharded over "data"), AdamW update.
+
+    With ``train.seeds`` > 1 the replica step is ``vmap``-ed over the stacked params, optimiser states
+    and seeds (metrics then have a leading replica axis)."""
     tx = make_optimizer(spec.train)
     schedule = make_schedule(spec.train)
-    replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
-    @partial(jax.jit, in_shardings=(replicated,), out_shardings=(replicated, replicated))
-    def train_step(state):
-        batch = tasks.sample_batch(tasks.train_batch_key(spec, state["step"]), spec, spec.train.batch_size)
+    def replica_step(params, opt_state, step, seed):
+        batch = tasks.sample_batch(tasks.data_key(seed, step), spec, spec.train.batch_size)
         batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, spec)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, spec)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-                   "params_finite": finite}
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "params_finite": finite}
+
+    stacked = spec.train.seeds > 1
+    if stacked:
+        replica_step = jax.vmap(replica_step, in_axes=(0, 0, None, 0), spmd_axis_name="replica")
+    seeds = jnp.array(replica_seeds(spec.train)) if stacked else spec.train.seed
+    state_sharding = _state_sharding(spec, mesh)
+    per_replica = state_sharding["params"]
+    metric_sharding = {"loss": per_replica, "grad_norm": per_replica, "params_finite": per_replica,
+                       "lr": NamedSharding(mesh, PartitionSpec())}
+
+    @partial(jax.jit, in_shardings=(state_sharding,), out_shardings=(state_sharding, metric_sharding))
+    def train_step(state):
+        params, opt_state, metrics = replica_step(state["params"], state["opt_state"], state["step"], seeds)
+        metrics["lr"] = schedule(state["step"])
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return train_step
@@ -116,16 +168,18 @@ def eval_batches(spec: Spec, batch_size: int | None = None) -> list[tasks.Batch]
     return [sample(tasks.eval_batch_key(spec, i)) for i in range(spec.train.eval_batches)]
 
 
-def make_evaluator(spec: Spec, mesh: Mesh) -> Callable[[Any], np.ndarray]:
-    """params -> per-position test loss [T], the mean over the fixed test batches."""
+def make_evaluator(spec: Spec, mesh: Mesh, stacked: bool = False) -> Callable[[Any], np.ndarray]:
+    """params -> per-position test loss [T], the mean over the fixed test batches; with ``stacked``,
+    params with a leading replica axis -> [S, T]."""
     batches = eval_batches(spec)
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     batches = [jax.device_put(b, batch_sharding) for b in batches]
 
-    @jax.jit
     def curve(params, batch):
         pred, _ = model.apply(params, batch.tokens_BTI, spec)
         return tasks.per_position_loss(pred, batch.targets_BTS)
+
+    curve = jax.jit(jax.vmap(curve, in_axes=(0, None)) if stacked else curve)
 
     def evaluate(params) -> np.ndarray:
         return np.mean([np.asarray(curve(params, b)) for b in batches], axis=0)
@@ -141,11 +195,12 @@ class TrainResult:
     run_dir: Path
     spec: Spec
     step: int
-    eval_curve: np.ndarray  # per-position test loss [T] of the final parameters
-    params: Any
+    eval_curve: np.ndarray  # per-position test loss [T] of the final parameters (mean over replicas)
+    params: Any  # with a leading replica axis when spec.train.seeds > 1
     seconds: float
     resumed_from: int | None
     interrupted: bool = False
+    eval_curves: np.ndarray | None = None  # [S, T], one row per replica (seed + i)
 
     @property
     def eval_loss(self) -> float:
@@ -211,7 +266,7 @@ def load_params(run_dir: Path, step: int | None = None) -> tuple[Spec, Any, int]
         raise MesaError(f"no checkpoint found in {ckpt_dir}")
     ckpts = Checkpoints(ckpt_dir, keep=spec.train.keep_checkpoints, read_only=True)
     try:
-        state = restore_state(spec, ckpts, init_state(spec, make_mesh()), step)
+        state = restore_state(spec, ckpts, init_state(spec, make_mesh(replicas=spec.train.seeds)), step)
     finally:
         ckpts.close()
     return spec, state["params"], int(state["step"])
@@ -223,8 +278,8 @@ def load_params(run_dir: Path, step: int | None = None) -> tuple[Spec, Any, int]
 class _MetricLog:
     """Buffers per-step device metrics; flushing syncs, checks finiteness and appends JSONL lines."""
 
-    def __init__(self, path: Path, log_every: int):
-        self.path, self.log_every = path, log_every
+    def __init__(self, path: Path, log_every: int, seeds: list[int]):
+        self.path, self.log_every, self.seeds = path, log_every, seeds
         self.pending: list[tuple[int, dict]] = []
         self.last_loss = float("nan")
 
@@ -235,13 +290,20 @@ class _MetricLog:
         pending, self.pending = jax.device_get(self.pending), []
         lines = []
         for step, m in pending:
-            if not (math.isfinite(float(m["loss"])) and bool(m["params_finite"])):
+            loss = np.atleast_1d(np.asarray(m["loss"], np.float64))
+            bad = ~(np.isfinite(loss) & np.atleast_1d(np.asarray(m["params_finite"])))
+            if bad.any():
                 self._write(lines)
-                raise TrainingDiverged(f"non-finite loss or parameters at step {step + 1}")
-            self.last_loss = float(m["loss"])
+                bad_seeds = ", ".join(str(s) for s in np.array(self.seeds)[bad])
+                which = "" if len(self.seeds) == 1 else f" (seed {bad_seeds})"
+                raise TrainingDiverged(f"non-finite loss or parameters at step {step + 1}{which}")
+            self.last_loss = float(loss.mean())
             if (step + 1) % self.log_every == 0 or step == pending[-1][0]:
-                lines.append({"step": step + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                              "lr": float(m["lr"])})
+                line = {"step": step + 1, "loss": self.last_loss, "grad_norm": float(np.mean(m["grad_norm"])),
+                        "lr": float(m["lr"])}
+                if len(self.seeds) > 1:
+                    line.update(loss_std=float(loss.std()), loss_per_seed=[float(x) for x in loss])
+                lines.append(line)
         if extra is not None:
             if lines and lines[-1]["step"] == extra["step"]:
                 lines[-1].update(extra)
@@ -273,7 +335,7 @@ def train(
     from mesacli import plots  # matplotlib only when a run writes figures
 
     run_dir = Path(run_dir)
-    mesh = make_mesh(devices)
+    mesh = make_mesh(devices, spec.train.seeds)
     check_batch_divides(spec.train.batch_size, mesh)
     prepare_run_dir(spec, run_dir)
     ckpts = Checkpoints(run_dir / CHECKPOINT_DIR, keep=spec.train.keep_checkpoints)
@@ -285,8 +347,13 @@ def train(
     _truncate_metrics(run_dir / METRICS_FILE, start)
     meta = {"spec": spec_to_dict(spec), "mesacli": "0.1.0"}
     train_step = make_train_step(spec, mesh)
-    evaluate = make_evaluator(spec, mesh)
-    log = _MetricLog(run_dir / METRICS_FILE, spec.train.log_every)
+    stacked, seeds = spec.train.seeds > 1, replica_seeds(spec.train)
+    evaluate_replicas = make_evaluator(spec, mesh, stacked=stacked)
+
+    def evaluate(params) -> np.ndarray:  # [S, T]
+        return np.atleast_2d(evaluate_replicas(params))
+
+    log = _MetricLog(run_dir / METRICS_FILE, spec.train.log_every, seeds)
     end = spec.train.steps if stop_at_step is None else min(stop_at_step, spec.train.steps)
     t0, interrupted = time.time(), False
 
@@ -311,7 +378,11 @@ def train(
                 if step % spec.train.log_every == 0 or do_eval or do_ckpt:
                     extra = None
                     if do_eval:
-                        extra = {"step": step, "eval_loss": float(np.mean(evaluate(state["params"])))}
+                        per_seed = evaluate(state["params"]).mean(axis=1)
+                        extra = {"step": step, "eval_loss": float(per_seed.mean())}
+                        if stacked:
+                            extra.update(eval_loss_std=float(per_seed.std()),
+                                         eval_loss_per_seed=[float(x) for x in per_seed])
                     log.flush(extra)
                     bar.update(task_id, completed=step, loss=f"{log.last_loss:.4f}")
                     if on_log is not None:
@@ -331,12 +402,21 @@ def train(
             kept = f"last good checkpoint: step {last}" if last is not None else "no checkpoint was saved"
             raise TrainingDiverged(f"{err}; training stopped ({kept} in {run_dir / CHECKPOINT_DIR})") from None
     ckpts.close()
-    curve = evaluate(state["params"])
+    curves = evaluate(state["params"])
+    curve = curves.mean(axis=0)
     final_step = int(state["step"])
     if final_step == spec.train.steps:
-        dump_json(run_dir / EVAL_FILE, {"step": final_step, "seq_avg_loss": float(np.mean(curve)),
-                                        "per_position_loss": [float(x) for x in curve]})
-        plots.per_position_plot({spec.name: curve}, run_dir / "loss_per_position.png",
-                                title=f"{spec.name}: test loss per position (step {final_step})")
+        record = {"step": final_step, "seq_avg_loss": float(np.mean(curve)),
+                  "per_position_loss": [float(x) for x in curve]}
+        if stacked:
+            record.update(seq_avg_loss_std=float(curves.mean(axis=1).std()), seeds=seeds,
+                          per_seed={str(s): {"seq_avg_loss": float(c.mean()), "per_position_loss": c.tolist()}
+                                    for s, c in zip(seeds, curves, strict=True)})
+        dump_json(run_dir / EVAL_FILE, record)
+        label = spec.name if not stacked else f"{spec.name} ({len(seeds)} seeds, mean ± std)"
+        plots.per_position_plot({label: curve}, run_dir / "loss_per_position.png",
+                                title=f"{spec.name}: test loss per position (step {final_step})",
+                                bands={label: curves.std(axis=0)} if stacked else None)
         plots.training_plot(run_dir / METRICS_FILE, run_dir / "training_curve.png", title=spec.name)
-    return TrainResult(run_dir, spec, final_step, curve, state["params"], time.time() - t0, resumed_from, interrupted)
+    return TrainResult(run_dir, spec, final_step, curve, state["params"], time.time() - t0, resumed_from, interrupted,
+                       eval_curves=curves)

@@ -110,3 +110,17 @@ def test_divergence_exits_1_with_a_message(tiny_spec_file, tmp_path):
     result = invoke("train", spec, "--run-dir", tmp_path / "run", "--no-progress")
     assert_one_line_error(result, "non-finite loss or parameters", code=1)
     assert "last good checkpoint: step" in result.output
+
+
+def test_train_and_eval_with_several_seeds(tiny_spec_file, tmp_path):
+    spec, run = tiny_spec_file(), tmp_path / "run"
+    result = invoke("train", spec, "--run-dir", run, "--no-progress", "--seeds", "2", "--set", "train.steps=2")
+    assert result.exit_code == 0, result.output
+    assert "2 seeds: sequence-averaged test loss" in result.output and "seed 1:" in result.output
+    assert yaml.safe_load((run / "spec.yaml").read_text())["train"]["seeds"] == 2
+    result = invoke("eval", run, "--no-baselines")
+    assert result.exit_code == 0, result.output
+    data = json.loads((run / "eval_step2.json").read_text())
+    assert sorted(data["per_seed"]) == ["0", "1"] and "seq_avg_loss_std" in data
+    bad = invoke("train", spec, "--run-dir", tmp_path / "bad", "--seeds", "0")
+    assert bad.exit_code == 2 and "Traceback" not in bad.output

@@ -1,4 +1,5 @@
-"""A train step on a ("data",) mesh of 4 CPU host devices equals the same step on 1 device."""
+"""A train step on a ("data",) mesh of 4 CPU host devices equals the same step on 1 device; 4 seeds in one
+program run one replica per device and equal the 1-device run."""
 
 from __future__ import annotations
 
@@ -28,6 +29,23 @@ SCRIPT = textwrap.dedent(
     for a, b in zip(jax.tree_util.tree_leaves(results[1][0]), jax.tree_util.tree_leaves(results[4][0])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # reduction order differs across devices
     assert abs(results[1][1] - results[4][1]) < 1e-5 * abs(results[1][1])
+    # seeds in one program: 4 replicas on 4 devices, one replica per device, equal to 1 device
+    seeds_spec = tiny_spec(train={"seeds": 4})
+    stacked = {}
+    for n in (1, 4):
+        mesh = make_mesh(jax.devices()[:n], replicas=4)
+        assert dict(mesh.shape) == {"replica": n, "data": 1}
+        state = init_state(seeds_spec, mesh)
+        step = make_train_step(seeds_spec, mesh)
+        for _ in range(2):
+            state, metrics = step(state)
+        leaf = jax.tree_util.tree_leaves(state["params"])[0]
+        assert len(leaf.sharding.device_set) == n
+        if n == 4:  # each device holds one replica's slice
+            assert {s.data.shape[0] for s in leaf.addressable_shards} == {1}
+        stacked[n] = jax.device_get(state["params"])
+    for a, b in zip(jax.tree_util.tree_leaves(stacked[1]), jax.tree_util.tree_leaves(stacked[4])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # a batch that does not divide over the devices is a clear error
     from mesacli.errors import MesaError
     from mesacli.train import check_batch_divides

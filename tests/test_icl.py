@@ -1,0 +1,263 @@
+"""In-context regression (icl-eval) and prompt tuning (prompt-tune) on a tiny trained raw-token run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mesacli import icl, model, tasks
+from mesacli.cli import app
+from mesacli.errors import MesaError
+from mesacli.prompt_tune import TuneConfig, load_tuned, tune_stage
+from mesacli.train import load_params, train
+from tests.conftest import TINY, merge, tiny_spec
+
+N_S = 3
+SEQ_LEN = 16
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny raw-token 2-layer softmax model trained for 200 steps on T=16 linear dynamics (n_s = 3).
+
+    (Its test loss falls from ~0.5 to ~0.41; an untrained or linear-attention tiny model ignores the EOS.)"""
+    spec = tiny_spec(task={"state_dim": N_S, "obs_dim": N_S, "seq_len": SEQ_LEN}, model={"attention": "softmax"},
+                     train={"steps": 200, "batch_size": 16, "lr": 3e-2, "eval_every": 200, "checkpoint_every": 200,
+                            "log_every": 50})
+    run = tmp_path_factory.mktemp("icl") / "run"
+    train(spec, run, progress=False)
+    return run
+
+
+# ----------------------------------------------------------------------------- prompt layout
+
+
+def test_prompt_builder_places_x_y_eos_and_prefix_and_cuts_to_seq_len():
+    b, n, s = 2, 4, N_S
+    x = jnp.arange(b * n * s, dtype=jnp.float32).reshape(b, n, s) + 1.0
+    y = -x
+    eos, prefix = jnp.full((s,), 100.0), 200.0 + jnp.arange(2 * s, dtype=jnp.float32).reshape(2, s)
+
+    plain = icl.make_layout(seq_len=50, n_examples=n, eos=False)
+    seq = np.asarray(icl.build_prompt(x, y, plain))
+    assert seq.shape == (b, 2 * n, s)
+    for i in range(n):
+        np.testing.assert_array_equal(seq[:, 2 * i], x[:, i])
+        np.testing.assert_array_equal(seq[:, 2 * i + 1], y[:, i])
+    np.testing.assert_array_equal(plain.x_positions, [0, 2, 4, 6])
+
+    lay = icl.make_layout(seq_len=13, n_examples=n, eos=True, prefix_len=2)  # full length 2 + 12 = 14, cut to 13
+    seq = np.asarray(icl.build_prompt(x, y, lay, eos, prefix))
+    assert seq.shape == (b, 13, s) and lay.length == 13
+    np.testing.assert_array_equal(seq[:, :2], np.broadcast_to(prefix, (b, 2, s)))
+    np.testing.assert_array_equal(lay.x_positions, [2, 5, 8, 11])
+    np.testing.assert_array_equal(lay.y_positions, [3, 6, 9, 12])
+    np.testing.assert_array_equal(lay.eos_positions, [4, 7, 10, 13])
+    for i in range(n):
+        np.testing.assert_array_equal(seq[:, 2 + 3 * i], x[:, i])
+        np.testing.assert_array_equal(seq[:, 3 + 3 * i], y[:, i])
+        if 4 + 3 * i < 13:
+            np.testing.assert_array_equal(seq[:, 4 + 3 * i], np.broadcast_to(eos, (b, s)))
+
+
+def test_context_capacity_matches_the_paper_and_too_many_examples_is_an_error():
+    assert icl.max_examples(224, eos=True, prefix_len=20) == 68  # the paper's 68 examples
+    assert icl.max_examples(224, eos=False, prefix_len=0) == 112
+    assert icl.max_examples(224, eos=True, prefix_len=0) == 75  # x_75 sits at position 222 < 224
+    with pytest.raises(MesaError, match="holds at most 5 examples"):
+        icl.make_layout(seq_len=16, n_examples=6, eos=True, prefix_len=2)
+    with pytest.raises(MesaError, match="observes obs_dim=5 of state_dim=15"):
+        icl.check_task_hosts_prompt(tiny_spec(task={"kind": "partial", "state_dim": 15, "obs_dim": 5}).task)
+
+
+def test_constructed_tokens_of_a_prompt_come_from_make_tokens():
+    spec = tiny_spec(task={"state_dim": N_S, "obs_dim": N_S, "token_format": "constructed"})
+    x, y = icl.sample_regression(jax.random.PRNGKey(0), N_S, 3, 2)
+    lay = icl.make_layout(16, 3, eos=True)
+    tok = np.asarray(tasks.make_tokens(spec.task, icl.build_prompt(x, y, lay, jnp.ones(N_S))))
+    assert tok.shape == (2, 9, 4 * N_S)
+    np.testing.assert_array_equal(tok[:, 3, N_S:2 * N_S], x[:, 1])  # e_t = [0, s_t, s_t, s_{t-1}]
+    np.testing.assert_array_equal(tok[:, 3, 3 * N_S:], np.ones((2, N_S)))  # s_{t-1} = EOS
+
+
+def test_labels_come_from_an_orthogonal_teacher_and_the_continual_prompt_switches_it():
+    x, y = icl.sample_regression(jax.random.PRNGKey(1), N_S, 40, 2, switch_at=20)
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    assert x.min() >= -1 and x.max() <= 1
+    w = []
+    for part in (slice(0, 20), slice(20, 40)):
+        sol = np.linalg.lstsq(x[0, part], y[0, part], rcond=None)[0].T
+        np.testing.assert_allclose(sol @ sol.T, np.eye(N_S), atol=0.03)  # orthogonal up to the 0.01 noise
+        w.append(sol)
+    assert np.abs(w[0] - w[1]).max() > 0.1  # a new W* after the switch
+    xn, _ = icl.sample_regression(jax.random.PRNGKey(1), N_S, 400, 1, x_dist="normal")
+    assert np.abs(np.asarray(xn)).max() > 1.5
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def _data(batch=3, n=9, seed=2):
+    x, y = icl.sample_regression(jax.random.PRNGKey(seed), N_S, n, batch)
+    return np.asarray(x, np.float64), np.asarray(y, np.float64)
+
+
+def test_autoregressive_lsq_matches_a_direct_solve_over_all_consecutive_pairs():
+    x, y = _data()
+    lam = 1e-3
+    pred = icl.ar_ridge_predictions(x, y, lam)
+    for b in range(x.shape[0]):
+        seq = [v for i in range(x.shape[1]) for v in (x[b, i], y[b, i])]
+        for i in range(x.shape[1]):
+            t = 2 * i  # x_i's position in the plain prompt; the pairs (s_{t'-1}, s_t') for t' <= t
+            inputs = np.array([seq[k - 1] for k in range(1, t + 1)]).reshape(-1, N_S)
+            targets = np.array([seq[k] for k in range(1, t + 1)]).reshape(-1, N_S)
+            phi = np.linalg.solve(inputs.T @ inputs + lam * np.eye(N_S), inputs.T @ targets).T
+            np.testing.assert_allclose(pred[b, i], phi @ x[b, i], rtol=1e-7, atol=1e-9)
+
+
+def test_proper_lsq_matches_a_direct_solve_on_the_xy_pairs():
+    x, y = _data()
+    lam = 0.3
+    pred = icl.ridge_xy_predictions(x, y, lam)
+    for b in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            xs, ys = x[b, :i], y[b, :i]
+            w = np.linalg.solve(xs.T @ xs + lam * np.eye(N_S), xs.T @ ys).T
+            np.testing.assert_allclose(pred[b, i], w @ x[b, i], rtol=1e-7, atol=1e-9)
+    # with enough pairs and tiny lambda it recovers W* up to the label noise
+    x, y = _data(batch=2, n=60)
+    loss = icl.losses_BN(icl.ridge_xy_predictions(x, y, 1e-6), y)
+    assert loss[:, -10:].mean() < 5e-4
+
+
+def test_gd1_line_search_is_the_minimum_over_a_brute_force_grid():
+    x, y = _data(batch=8, n=12)
+    eta = icl.gd1_line_search(x, y)
+    g = np.zeros_like(y)
+    for b in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            g[b, i] = sum(y[b, j] * (x[b, j] @ x[b, i]) for j in range(i))  # one GD step from W = 0
+    np.testing.assert_allclose(icl.gd1_direction(x, y), g, rtol=1e-10)
+    grid = np.linspace(0.5 * eta, 1.5 * eta, 2001)
+    losses = [np.sum((y - e * g) ** 2) for e in grid]
+    assert abs(grid[int(np.argmin(losses))] - eta) <= grid[1] - grid[0]
+    assert eta > 0
+
+
+# ----------------------------------------------------------------------------- the frozen model on prompts
+
+
+def test_the_prediction_for_y_i_is_read_at_x_i(tiny_run):
+    spec, params, _ = load_params(tiny_run)
+    x, y = icl.sample_regression(jax.random.PRNGKey(3), N_S, 4, 2)
+    eos, prefix = jnp.ones(N_S), jnp.zeros((2, N_S))
+    lay = icl.make_layout(SEQ_LEN, 4, eos=True, prefix_len=2)
+    losses = icl.model_losses_BN(params, spec, lay, x, y, eos, prefix)
+    seq = jnp.concatenate([jnp.broadcast_to(prefix, (2, 2, N_S)),
+                           jnp.stack([x, y, jnp.broadcast_to(eos, x.shape)], 2).reshape(2, 12, N_S)], 1)
+    pred, _ = model.apply(params, seq, spec)
+    by_hand = 0.5 * np.sum((np.asarray(pred)[:, [2, 5, 8, 11]] - np.asarray(y)) ** 2, -1)
+    np.testing.assert_allclose(losses, by_hand, rtol=1e-5)
+    # causality: changing y_2 leaves the predictions for examples 1 and 2 alone and changes example 3's
+    changed = icl.model_losses_BN(params, spec, lay, x, y.at[:, 1].add(1.0), eos, prefix)
+    np.testing.assert_allclose(changed[:, :1], losses[:, :1], rtol=1e-6)
+    assert np.abs(changed[:, 2] - losses[:, 2]).max() > 1e-6
+
+
+def test_prompt_tuning_the_eos_reduces_held_out_label_loss(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = TuneConfig(steps=40, lr=0.05, batch=32, n_examples=5, checkpoint_every=20, log_every=5)
+    result = tune_stage(run, "eos", cfg, progress=False)
+    assert result.step == 40 and result.heldout_after < 0.97 * result.heldout_before
+    # independent held-out prompts (another seed): tuned EOS beats the initial N(0, I) EOS
+    spec, params, _ = load_params(run)
+    lay = icl.make_layout(SEQ_LEN, 6, eos=True)  # all 6 examples that fit (tuned on 5)
+    x, y = icl.sample_regression(jax.random.PRNGKey(99), N_S, lay.n_examples, 256)
+    init = jax.random.normal(icl.icl_key("init", 0, 0), (N_S,))
+    tuned = load_tuned(run, N_S)["eos"]
+    np.testing.assert_array_equal(tuned, result.tokens)
+    before = icl.model_losses_BN(params, spec, lay, x, y, init).mean()
+    after = icl.model_losses_BN(params, spec, lay, x, y, tuned).mean()
+    assert after < 0.97 * before
+    with pytest.raises(MesaError, match="token size mismatch"):
+        load_tuned(run, N_S + 1)
+
+
+def test_prompt_tune_resumed_equals_uninterrupted(tiny_run, tmp_path):
+    cfg = TuneConfig(steps=12, lr=0.05, batch=32, n_examples=5, checkpoint_every=4, log_every=2)  # compiled above
+    runs = []
+    for name in ("a", "b"):
+        shutil.copytree(tiny_run, tmp_path / name)
+        runs.append(tmp_path / name)
+    whole = tune_stage(runs[0], "eos", cfg, progress=False, heldout=False)
+    first = tune_stage(runs[1], "eos", cfg, progress=False, heldout=False, stop_at_step=6)
+    assert first.step == 6
+    second = tune_stage(runs[1], "eos", cfg, progress=False, heldout=False)
+    assert second.resumed_from == 6 and second.step == 12
+    np.testing.assert_allclose(second.tokens, whole.tokens, rtol=1e-6)
+    log = [json.loads(line) for line in (runs[1] / "prompt_tune/eos/loss.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (runs[0] / "prompt_tune/eos/loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [r["step"] for r in ref] == [2, 4, 6, 8, 10, 12]
+    np.testing.assert_allclose([r["loss"] for r in log], [r["loss"] for r in ref], rtol=1e-5)
+    with pytest.raises(MesaError, match="other settings"):
+        tune_stage(runs[1], "eos", TuneConfig(steps=12, lr=0.01, batch=32, n_examples=5), progress=False, heldout=False)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _one_line_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.output
+
+
+def test_cli_prompt_tune_then_icl_eval_end_to_end(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    out = runner.invoke(app, ["prompt-tune", str(run), "--what", "both", "--steps", "4", "--prefix-len", "2",
+                              "--batch", "32", "--lr", "0.05", "--checkpoint-every", "4", "--examples", "5",
+                              "--no-progress"])
+    assert out.exit_code == 0, out.output
+    assert "held-out" in out.output and (run / "prompt_tune/prefix/loss.png").exists()
+    out = runner.invoke(app, ["icl-eval", str(run), "--prompt", "plain,eos,tuned", "--seeds", "2", "--batch", "32"])
+    assert out.exit_code == 0, out.output
+    assert "model (EOS+prefix)" in out.output and "AR ridge" in out.output and "i=5" in out.output
+    data = json.loads((run / "icl_eval_plain_eos_tuned.json").read_text())
+    assert data["meta"]["n_examples"] == 5  # (16 - 2) / 3 rounded up, the tightest of the three prompts
+    assert data["meta"]["layouts"]["tuned"]["x_positions"] == [2, 5, 8, 11, 14]
+    assert len(data["curves"]["model (plain)"]["mean"]) == 5 and "median" in data["curves"][
+        "AR ridge LSQ, all token pairs (lam=0.001)"]
+    assert (run / "icl_eval_plain_eos_tuned.png").exists()
+    out = runner.invoke(app, ["icl-eval", str(run), "--continual", "--seeds", "1", "--batch", "32", "--examples", "5"])
+    assert out.exit_code == 0, out.output
+    data = json.loads((run / "icl_eval_plain_continual.json").read_text())
+    assert data["meta"]["continual_switch_at"] == 2  # round(5 * 21 / 68)
+
+
+def test_cli_bad_inputs_give_one_error_line(tiny_run, tmp_path):
+    _one_line_error(runner.invoke(app, ["icl-eval", str(tiny_run), "--examples", "9"]), "holds at most 8 examples")
+    _one_line_error(runner.invoke(app, ["prompt-tune", str(tiny_run), "--examples", "7", "--no-progress"]),
+                    "holds at most 6 examples")
+    _one_line_error(runner.invoke(app, ["icl-eval", str(tiny_run), "--prompt", "tuned"]), "no tuned prefix")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "spec.yaml").write_text(yaml.safe_dump(merge(TINY, {"task": {"kind": "partial", "obs_dim": 2}})))
+    _one_line_error(runner.invoke(app, ["icl-eval", str(partial)]), "observes obs_dim=2 of state_dim=4")
+    _one_line_error(runner.invoke(app, ["prompt-tune", str(partial), "--no-progress"]), "observes obs_dim=2")
+    _one_line_error(runner.invoke(app, ["icl-eval", str(tiny_run), "--prompt", "fancy"]), "not one of")
+    _one_line_error(runner.invoke(app, ["icl-eval", str(tiny_run), "--lam", "0"]), "--lam must be positive")
+    _one_line_error(runner.invoke(app, ["prompt-tune", str(tiny_run), "--what", "prefix", "--no-progress"]),
+                    "no room for an example after a 20-token prefix")
+    _one_line_error(runner.invoke(app, ["prompt-tune", str(tiny_run), "--what", "prefix", "--prefix-len", "2",
+                                        "--no-progress"]), "no tuned EOS")
