@@ -310,6 +310,72 @@ def bench_seeds(
 
 
 @app.command()
+@_user_errors
+def probe(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `mesacli train`."),
+    analyses: List[str] = typer.Option([], "--analysis", "-a", metavar="NAME",
+                                       help="Analysis to run (repeatable or comma-separated): prop1, probes, "
+                                            "binding, prop2, compress, linearize. Default: all that apply."),
+    step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the latest)."),
+    seeds: int = typer.Option(5, help="Data seeds (probe batches) to average over."),
+    batch_size: int = typer.Option(256, help="Sequences per probe batch."),
+    precond: str = typer.Option("exact", help="Preconditioned-input probe target: exact (float64 solve) or "
+                                              "chebyshev (the paper's learned 6-step coefficients)."),
+    prop2_steps: int = typer.Option(2000, help="Adam steps to learn the Prop-2 solver coefficients (paper: 20k)."),
+    prop2_k: Optional[int] = typer.Option(None, help="Prop-2 solver steps k (default: model layers - 1)."),
+    gd1_phi0_steps: int = typer.Option(0, help="prop1: also fit GD-1 with a learned Phi_0 for this many Adam steps."),
+    distil_steps: int = typer.Option(2000, help="Adam steps per layer for the linearize analysis (paper: 15k)."),
+    distil_lr: float = typer.Option(1e-3, help="Adam learning rate of the linearize distillation (paper: 1e-3)."),
+    interpolation_steps: int = typer.Option(0, help="compress: also retrain from the same initialisation for this "
+                                                    "many steps, evaluating the 50/50 interpolated model (0 = off)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Report what is running on stderr."),
+):
+    """Reverse-engineer a trained run (paper section 4): writes RUN_DIR/probe/*.json, *.png and summary.md."""
+    from mesacli.probe import run_probe
+
+    if precond not in ("exact", "chebyshev"):
+        raise MesaError(f"--precond must be exact or chebyshev, got {precond!r}")
+    options = {"precond": precond, "prop2_train_steps": prop2_steps, "distil_steps": distil_steps,
+               "distil_lr": distil_lr,
+               "interpolation_steps": interpolation_steps, "gd1_phi0_steps": gd1_phi0_steps}
+    if prop2_k is not None:
+        options["prop2_k"] = prop2_k
+    report = (lambda message: err_console.print(message, highlight=False)) if progress else None
+    result = run_probe(run_dir, analyses, step=step, seeds=seeds, batch_size=batch_size, options=options,
+                       report=report)
+    table = Table(title=f"mesacli probe: {run_dir} (step {result.step}, {result.seconds:.0f}s)", title_justify="left")
+    table.add_column("analysis")
+    table.add_column("key numbers")
+    for name, r in result.results.items():
+        table.add_row(name, _probe_headline(name, r))
+    for name, why in result.skipped.items():
+        table.add_row(name, f"skipped: {why}")
+    console.print(table)
+    console.print(f"outputs: {result.summary_path.parent}/ (summary.md, "
+                  f"{len(result.files)} files from this call)")
+
+
+def _probe_headline(name: str, r: dict) -> str:
+    """One line of key numbers per analysis for the probe table."""
+    if name == "prop1":
+        loss = r["seq_avg_loss"]
+        return (f"loss model {loss['model']:.4f} vs GD-1 {loss['gd1']:.4f}; eta_eff {r['eta_eff']:.4f} vs "
+                f"line-searched {r['gd1_eta']:.4f}; prediction cosine {r['prediction_cosine']['mean']:.3f}")
+    if name == "probes":
+        t = str(r["t_report"])
+        nxt = r["at_positions"][t][r["targets"][0]]
+        return f"target probe at t={t} by layer: " + ", ".join(f"{x:.3g}" for x in nxt)
+    if name == "binding":
+        return f"R^2 of s_t' from layer 1 at t={r['position']}: " + ", ".join(
+            f"{t}:{x:.2f}" for t, x in zip(r["t_prime"], r["token_probe_r2"], strict=True))
+    if "seq_avg_loss" in r:
+        return "; ".join(f"{k} {v:.4f}" for k, v in r["seq_avg_loss"].items())
+    if "ratio" in r:
+        return f"loss ratio {r['ratio']}"
+    return "done"
+
+
+@app.command()
 def specs():
     """List the experiment specs shipped in experiments/ and what each reproduces."""
     table = Table(title=f"specs in {EXPERIMENTS_DIR}", title_justify="left")

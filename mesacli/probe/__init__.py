@@ -1,0 +1,124 @@
+"""Reverse-engineering analyses of a trained run (paper-spec section 4): ``mesacli probe``.
+
+``run_probe(run_dir, analyses)`` loads the run's checkpoint, runs each analysis and writes
+RUN_DIR/probe/<analysis>.json, PNG figures and summary.md (rebuilt from every JSON present, so
+analyses run separately accumulate in one summary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from mesacli.checkpoint import dump_json
+from mesacli.errors import MesaError
+from mesacli.probe.common import PROBE_DIR, RunContext
+
+# name -> (module, one-line description); run in this order
+ANALYSES: dict[str, tuple[str, str]] = {
+    "prop1": ("mesacli.probe.prop1", "Prop. 1: 1-layer LSA vs one step of mesa-GD (GD-1), eta_eff from the weights"),
+    "probes": ("mesacli.probe.linprobe", "linear probes per layer/position: s_{t+1}, s_t, preconditioned s_t"),
+    "binding": ("mesacli.probe.binding", "token binding: layer-1 output probed on s_{t'}, layer-1 attention maps"),
+    "prop2": ("mesacli.probe.solvers", "Prop. 2: Neumann / Chebyshev preconditioned solvers vs the model"),
+    "compress": ("mesacli.probe.compress", "CompressedAlg: block-diagonal-mean compression of every head"),
+    "linearize": ("mesacli.probe.linearize", "per layer, distil a linear-attention replacement"),
+}
+
+
+@dataclasses.dataclass
+class ProbeResult:
+    run_dir: Path
+    step: int
+    results: dict[str, dict]  # analysis -> its JSON content
+    files: list[Path]
+    summary_path: Path
+    seconds: float
+    skipped: dict[str, str]  # analysis -> why it does not apply (only when no names were given)
+
+
+def parse_analyses(names: Sequence[str] | None) -> list[str]:
+    """Validate analysis names (comma-separated values allowed); default: all, in the standard order."""
+    if not names:
+        return list(ANALYSES)
+    chosen = []
+    for raw in names:
+        for name in (x.strip() for x in raw.split(",")):
+            if not name:
+                continue
+            if name not in ANALYSES:
+                close = difflib.get_close_matches(name, list(ANALYSES), n=1, cutoff=0.5)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise MesaError(f"unknown analysis '{name}'{hint}; choose from {', '.join(ANALYSES)}")
+            if name not in chosen:
+                chosen.append(name)
+    return [name for name in ANALYSES if name in chosen]
+
+
+def run_probe(
+    run_dir: str | Path,
+    analyses: Sequence[str] | None = None,
+    *,
+    step: int | None = None,
+    seeds: int = 5,
+    batch_size: int = 256,
+    options: dict | None = None,
+    report: Callable[[str], None] | None = None,
+) -> ProbeResult:
+    """Run the named analyses; a named one that does not apply to the model is a MesaError.
+
+    Without names, every analysis that applies runs and the others are listed as skipped in summary.md.
+
+    ``options`` holds per-analysis settings, e.g. {"prop2_train_steps": 2000, "precond": "exact"}.
+    """
+    from mesacli.probe import summary
+    from mesacli.spec import load_spec
+    from mesacli.train import SPEC_FILE, load_params
+
+    explicit = bool(analyses)
+    names = parse_analyses(analyses)
+    if seeds < 1:
+        raise MesaError(f"--seeds must be at least 1, got {seeds}")
+    if batch_size < 2:
+        raise MesaError(f"--batch-size must be at least 2, got {batch_size}")
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    if not (run_dir / SPEC_FILE).exists():
+        raise MesaError(f"{run_dir} is not a mesacli run directory (no {SPEC_FILE})")
+    spec = load_spec(run_dir / SPEC_FILE)
+    modules = {name: importlib.import_module(ANALYSES[name][0]) for name in names}
+    skipped = {}
+    for name in list(names):  # fail fast, before any long computation, if an analysis does not apply
+        check = getattr(modules[name], "check_applicable", None)
+        try:
+            if check is not None:
+                check(spec)
+        except MesaError as err:
+            if explicit:
+                raise
+            skipped[name] = str(err)
+            names.remove(name)
+    if not names:
+        raise MesaError("no analysis applies to this run: " + "; ".join(skipped.values()))
+    spec, params, at_step = load_params(run_dir, step)
+    ctx = RunContext(run_dir, spec, params, at_step, seeds=seeds, batch_size=batch_size, report=report,
+                     options=dict(options or {}))
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    results, files = {}, []
+    for name in names:
+        started = time.time() - 1.0
+        result = modules[name].run(ctx)
+        result["run_dir"], result["spec_name"] = str(ctx.run_dir), spec.name
+        path = ctx.out_dir / f"{name}.json"
+        dump_json(path, result)
+        results[name] = result
+        files += sorted(p for p in ctx.out_dir.iterdir() if p.suffix in (".json", ".png")
+                        and p.stat().st_mtime >= started and p not in files)
+    summary_path = summary.write_summary(ctx.out_dir, spec, skipped)
+    return ProbeResult(run_dir, at_step, results, files, summary_path, time.time() - t0, skipped)
+
+
+__all__ = ["ANALYSES", "PROBE_DIR", "ProbeResult", "parse_analyses", "run_probe"]

@@ -1,0 +1,375 @@
+"""mesacli probe: the pieces against independent references, and every analysis on a tiny trained run."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mesacli import baselines, model, tasks
+from mesacli.cli import app
+from mesacli.errors import MesaError
+from mesacli.probe import common, compress, linearize, linprobe, prop1, run_probe, solvers
+from mesacli.spec import spec_from_dict
+
+# A tiny constructed-token LSA-1 (n_s = 4, tokens [0, 0, s_t, s_{t-1}] of size 16).
+TINY_LSA1 = {
+    "name": "tiny_lsa1",
+    "task": {"state_dim": 4, "obs_dim": 4, "seq_len": 8, "token_format": "constructed", "mask_slots": [0, 1]},
+    "model": {"layers": 1, "attention": "linear", "num_heads": 2, "key_size": 4, "embed_dim": 16, "init_std": 0.1},
+    "train": {"steps": 20, "batch_size": 16, "lr": 1e-2, "eval_batches": 2, "eval_every": 10,
+              "checkpoint_every": 10, "log_every": 5},
+}
+FAST = {"prop2_train_steps": 40, "attention_sequences": 128, "interpolation_steps": 4, "distil_steps": 60,
+        "distil_lr": 1e-2, "gd1_phi0_steps": 30,
+        "prop2_k": 1}
+
+
+def random_obs(seed=0, b=32, t=12, n=4):
+    return np.random.default_rng(seed).uniform(-1, 1, size=(b, t + 1, n))
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def test_gd1_closed_form_line_search_matches_a_brute_force_grid():
+    s = random_obs()
+    obs, tgt = s[:, :-1], s[:, 1:]
+    eta = baselines.gd1_line_search(obs, tgt)
+    grid = np.linspace(-0.5, 0.5, 20001)
+    g = baselines.gd1_direction(obs)
+    losses = [np.sum((tgt - e * g) ** 2) for e in grid]
+    assert abs(grid[int(np.argmin(losses))] - eta) <= grid[1] - grid[0]
+    assert np.sum((tgt - eta * g) ** 2) <= min(losses) + 1e-9
+
+
+def test_gd1_direction_in_jax_matches_the_numpy_baseline():
+    obs = random_obs(1)[:, :-1]
+    np.testing.assert_allclose(np.asarray(prop1.gd1_direction_jax(jnp.asarray(obs, jnp.float32))),
+                               baselines.gd1_direction(obs), rtol=1e-4, atol=1e-5)
+
+
+def test_lstsq_probe_recovers_a_known_linear_map_and_uses_the_papers_mse():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 6))
+    w_true = rng.normal(size=(6, 3))
+    w, mse = common.lstsq_probe(x, x @ w_true)
+    np.testing.assert_allclose(w, w_true, atol=1e-10)
+    assert mse < 1e-20
+    y = x @ w_true + 0.1 * rng.normal(size=(300, 3))
+    w, mse = common.lstsq_probe(x, y)
+    w_ref = np.linalg.pinv(x) @ y
+    np.testing.assert_allclose(w, w_ref, atol=1e-10)
+    assert mse == pytest.approx(np.sum((x @ w_ref - y) ** 2) / (2 * 300), rel=1e-10)  # sum over dims / 2B
+    assert np.abs(w - w_true).max() < 0.05
+    assert common.r_squared(x @ w, y) > 0.9
+
+
+def test_zscore_rows_and_exact_preconditioned_input():
+    norms = np.array([[1.0], [1.1], [0.9], [1.0], [1.05], [0.95], [1.0], [10.0]])
+    assert common.zscore_keep(norms).tolist() == [True] * 7 + [False]
+    obs = random_obs(3, b=2, t=6)[:, :-1]
+    pre = common.preconditioned_exact(obs, lam=0.5)
+    b, t = 1, 4
+    s_before = obs[b, :t]  # s_1 .. s_{t} are the tokens before position t+1 (0-based t)
+    direct = np.linalg.inv(s_before.T @ s_before + 0.5 * np.eye(4)) @ obs[b, t]
+    np.testing.assert_allclose(pre[b, t], direct, rtol=1e-10)
+
+
+def test_block_diag_means_and_offdiag():
+    n = 3
+    m = np.kron(np.array([[1.0, -2.0], [0.5, 0.0]]), np.eye(n))
+    m[0, 1] = 0.25  # an off-diagonal entry inside block (0, 0)
+    np.testing.assert_allclose(common.block_diag_means(m, n), [[1.0, -2.0], [0.5, 0.0]])
+    np.testing.assert_allclose(common.block_offdiag_max(m, n), [[0.25, 0.0], [0.0, 0.0]])
+
+
+def test_neumann_and_chebyshev_inverses_approach_the_exact_inverse():
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    a = q @ np.diag([0.5, 0.8, 1.0, 1.5, 2.0]) @ q.T
+    exact = np.linalg.inv(a)
+    errors = [np.abs(solvers.neumann_inverse(a[None], k, xp=np)[0] - exact).max() for k in (2, 10, 200)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-8
+    # A is normalised by its Frobenius norm inside, so the scale of A does not matter
+    scaled = solvers.neumann_inverse(100.0 * a[None], 200, xp=np)[0]
+    np.testing.assert_allclose(scaled, exact / 100.0, atol=1e-10)
+
+
+def orthogonal_sequences(seed=5, b=16, t=30, n=10):
+    """Noise-free s_{t+1} = W s_t with a Haar-random orthogonal W per sequence (numpy, independent of tasks.py)."""
+    rng = np.random.default_rng(seed)
+    s = np.zeros((b, t + 1, n))
+    for i in range(b):
+        q, r = np.linalg.qr(rng.normal(size=(n, n)))
+        w = q * np.sign(np.diag(r))
+        s[i, 0] = rng.uniform(-1, 1, n)
+        for j in range(t):
+            s[i, j + 1] = w @ s[i, j] + 0.01 * rng.normal(size=n)
+    return s[:, :-1], s[:, 1:]
+
+
+def test_the_papers_chebyshev_coefficients_beat_six_neumann_steps():
+    """The paper's learned 6-step alpha/beta approximate ridge LSQ better than 6 Neumann steps."""
+    obs, tgt = orthogonal_sequences()
+    ridge = np.mean(baselines.per_position_loss(baselines.ridge_predictions(obs), tgt))
+    prev = np.concatenate([np.zeros_like(obs[:, :1]), obs[:, :-1]], axis=1)
+    xx = np.cumsum(np.einsum("bti,btj->btij", prev, prev), axis=1) + 1e-3 * np.eye(10)
+    yx = np.cumsum(np.einsum("bti,btj->btij", obs, prev), axis=1)
+    loss = {}
+    for name, (a, b) in {"neumann": ([1.0] * 6, [0.0] * 6), "paper": solvers.PAPER_CHEBYSHEV_LINEAR}.items():
+        inv = solvers.chebyshev_inverse(xx, a, b, xp=np)
+        pred = np.einsum("btij,btjk,btk->bti", yx, inv, obs)
+        loss[name] = np.mean(baselines.per_position_loss(pred, tgt))
+        np.testing.assert_allclose(np.asarray(solvers.prop2_predictions(jnp.asarray(obs, jnp.float32), a, b)), pred,
+                                   rtol=2e-2, atol=2e-3)
+    assert ridge < loss["paper"] < 0.9 * loss["neumann"]
+
+
+def test_chebyshev_probe_target_approximates_the_exact_one():
+    obs, _ = orthogonal_sequences(seed=7, b=8)
+    exact = linprobe.preconditioned_inputs(obs, 1e-3, "exact")
+    cheb = linprobe.preconditioned_inputs(obs, 1e-3, "chebyshev")
+    neumann = solvers.chebyshev_preconditioned(obs, 1e-3, [1.0] * 6, [0.0] * 6)
+    late = slice(20, None)  # once S_{t-1} S_{t-1}^T is well conditioned
+
+    def err(x):
+        return np.linalg.norm(x[:, late] - exact[:, late]) / np.linalg.norm(exact[:, late])
+
+    assert err(cheb) < 0.9 * err(neumann)  # 6 steps are far from exact, but better than Neumann
+    with pytest.raises(MesaError, match="unknown preconditioner"):
+        linprobe.preconditioned_inputs(obs, 1e-3, "cg")
+
+
+# ----------------------------------------------------------------------------- Proposition 1 by construction
+
+
+def prop1_weights(spec, etas=(0.03, 0.02), qk_scales=(0.5, -0.25)):
+    """Paper-spec 4.1: per head, W_q W_k^T = c I in (query s_t slot 2, key s_{t-1} slot 3) and W_v P = (eta/c) I
+    from the value slot 2 to output slot 0; the heads' etas add up."""
+    n, e = spec.task.obs_dim, spec.model.embed_dim
+    h = len(etas)
+    w_q, w_k = np.zeros((e, h, n)), np.zeros((e, h, n))
+    w_v, w_o = np.zeros((e, h, n)), np.zeros((h, n, e))
+    for i, (eta, c) in enumerate(zip(etas, qk_scales, strict=True)):
+        w_q[2 * n:3 * n, i] = c * np.eye(n)
+        w_k[3 * n:4 * n, i] = np.eye(n)
+        w_v[2 * n:3 * n, i] = np.eye(n)
+        w_o[i, :, :n] = (eta / c) * np.eye(n)
+    block = {k: jnp.asarray(v, jnp.float32) for k, v in {"w_q": w_q, "w_k": w_k, "w_v": w_v, "w_o": w_o}.items()}
+    return {"blocks": [block]}
+
+
+def test_eta_eff_of_hand_built_prop1_weights_and_gd1_equivalence():
+    spec = spec_from_dict({**TINY_LSA1, "model": {**TINY_LSA1["model"], "key_size": 4}})
+    params = prop1_weights(spec)
+    qk, vp = common.token_space_products(params, spec)
+    eta_eff, heads = prop1.effective_eta(qk, prop1.readout_map(params, spec, vp), spec)
+    assert eta_eff == pytest.approx(0.05, rel=1e-6)
+    assert [h["product"] for h in heads] == pytest.approx([0.03, 0.02], rel=1e-6)
+    batch = tasks.sample_batch(jax.random.PRNGKey(1), spec, 16)
+    pred, _ = model.apply(params, batch.tokens_BTI, spec)
+    gd = baselines.gd1_predictions(np.asarray(batch.obs_BTS), 0.05)
+    np.testing.assert_allclose(np.asarray(pred), gd, rtol=1e-4, atol=1e-6)
+    assert common.cosine(np.asarray(pred), gd)[:, 1:].min() > 1 - 1e-5  # t = 1 predicts 0 (s_0 = 0)
+    cos = prop1.sensitivity_cosines(*prop1.model_sensitivities(params, spec, batch.obs_BTS[:4]))
+    assert cos["current_token"][1:].min() > 1 - 1e-5 and cos["context"][1:].min() > 1 - 1e-5
+
+
+def test_gd1_with_phi0_zero_is_gd1_and_learning_phi0_helps(probed):
+    obs = random_obs(8)[:, :-1]
+    np.testing.assert_allclose(np.asarray(prop1.gd1_phi0_predictions(jnp.asarray(obs, jnp.float32), 0.1,
+                                                                     jnp.zeros((4, 4)))),
+                               baselines.gd1_predictions(obs, 0.1), rtol=1e-4, atol=1e-6)
+    phi0 = probed.results["prop1"]["gd1_learned_phi0"]
+    assert phi0["steps"] == 30 and len(phi0["per_position_loss"]) == 8
+    # with one teacher W* shared by all sequences, Phi_0 -> W* is learnable and beats Phi_0 = 0 by far
+    spec = spec_from_dict({**TINY_LSA1, "task": {**TINY_LSA1["task"], "kind": "fixed_teacher"}})
+    eta, phi, _ = prop1.learn_gd1_phi0(spec, 0.0, steps=150, lr=3e-2, batch_size=32)
+    batch = tasks.sample_batch(jax.random.PRNGKey(3), spec, 64)
+    obs, tgt = np.asarray(batch.obs_BTS), np.asarray(batch.targets_BTS)
+    gd_loss = np.mean(baselines.per_position_loss(baselines.gd1_predictions(obs, baselines.gd1_line_search(obs, tgt)),
+                                                  tgt))
+    phi_pred = np.asarray(prop1.gd1_phi0_predictions(batch.obs_BTS, eta, jnp.asarray(phi, jnp.float32)))
+    assert np.mean(baselines.per_position_loss(phi_pred, tgt)) < 0.5 * gd_loss
+
+
+def test_prop1_refuses_other_models():
+    with pytest.raises(MesaError, match="prop1 needs a 1-layer linear-attention model on constructed tokens"):
+        prop1.check_applicable(spec_from_dict({**TINY_LSA1, "model": {**TINY_LSA1["model"], "layers": 2}}))
+    with pytest.raises(MesaError, match="softmax"):
+        prop1.check_applicable(spec_from_dict({**TINY_LSA1, "model": {**TINY_LSA1["model"], "attention": "softmax"}}))
+
+
+# ----------------------------------------------------------------------------- every analysis on a tiny run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from mesacli.train import train
+
+    run_dir = tmp_path_factory.mktemp("probe") / "run"
+    train(spec_from_dict(TINY_LSA1), run_dir, progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def probed(tiny_run):
+    return run_probe(tiny_run, None, seeds=2, batch_size=64, options=FAST)
+
+
+def test_probe_writes_every_analysis(probed, tiny_run):
+    out = tiny_run / "probe"
+    for name in probed.results:
+        assert (out / f"{name}.json").exists()
+    for png in ("prop1_loss.png", "prop1_cosine.png", "prop1_weights.png", "probes_depth.png",
+                "binding_token_probe.png", "binding_attention.png", "prop2_loss.png", "compress_loss.png",
+                "compress_interpolation.png", "linearize_distillation.png"):
+        assert (out / png).stat().st_size > 1000, png
+    text = (out / "summary.md").read_text()
+    assert "Proposition 1" in text and "0.032" in text and "Linear probes" in text
+    assert not probed.skipped
+
+
+def test_prop1_on_the_tiny_run_agrees_with_the_eval_path(probed, tiny_run):
+    from mesacli.train import load_params, make_evaluator, make_mesh
+
+    r = probed.results["prop1"]
+    spec, params, _ = load_params(tiny_run)
+    curves, eta = baselines.baseline_curves(spec)
+    assert r["gd1_eta"] == pytest.approx(eta, rel=1e-9)
+    gd_curve = next(iter(curves.values()))
+    assert r["seq_avg_loss"]["gd1"] == pytest.approx(float(np.mean(gd_curve)), rel=1e-9)
+    assert r["seq_avg_loss"]["model"] == pytest.approx(float(np.mean(make_evaluator(spec, make_mesh())(params))),
+                                                       rel=1e-5)
+    qk, vp = common.token_space_products(params, spec)
+    # eta_eff recomputed from raw einsums over the trained weights
+    block = params["blocks"][0]
+    n = spec.task.obs_dim
+    wq, wk, wv, wo = (np.asarray(block[k], np.float64) for k in ("w_q", "w_k", "w_v", "w_o"))
+    manual = sum(np.trace(wq[2 * n:3 * n, h] @ wk[3 * n:, h].T) / n * np.trace(wv[2 * n:3 * n, h] @ wo[h][:, :n]) / n
+                 for h in range(wq.shape[1]))
+    assert r["eta_eff"] == pytest.approx(manual, rel=1e-6)
+
+
+def test_probes_on_the_tiny_run(probed):
+    r = probed.results["probes"]
+    current = np.asarray(r["mse"][linprobe.TARGETS[2]])  # [L+1, T]
+    assert current[0].max() < 1e-12  # s_t sits in the input token: an exact linear read-out
+    nxt = np.asarray(r["mse"][linprobe.TARGETS[0]])
+    assert nxt.shape == (2, 8) and np.all(nxt >= 0)
+    assert len(r["control_mse"]) == 8
+
+
+def test_binding_on_the_tiny_run(probed):
+    r = probed.results["binding"]
+    assert r["t_prime"] == list(range(1, 9)) and r["position"] == 8
+    # layer 1 keeps s_t and s_{t-1} in slots 2 and 3 of its residual stream (no clipping): R^2 = 1
+    assert r["token_probe_r2"][-1] == pytest.approx(1.0, abs=1e-6)
+    assert r["token_probe_r2"][-2] == pytest.approx(1.0, abs=1e-6)
+    assert max(r["token_probe_r2"][:-2]) < 0.999
+    assert np.asarray(r["attention_map"]).shape == (2, 8, 8)
+    assert np.triu(np.asarray(r["attention_map"])[0], k=1).max() == 0  # causal
+
+
+def test_prop2_on_the_tiny_run(probed):
+    r = probed.results["prop2"]
+    losses = r["seq_avg_loss"]
+    floor = losses["exact ridge LSQ (lam=0.001)"]
+    assert all(v >= floor - 1e-6 for v in losses.values())
+    assert r["k"] == 1 and len(r["learned"]["chebyshev"]["alpha"]) == 1  # k set in FAST (default: layers - 1)
+    for history in r["history"].values():  # Adam on the solver's next-token loss makes progress
+        assert np.mean([loss for _, loss in history[-2:]]) < history[0][1]
+
+
+def test_compress_on_the_tiny_run(probed, tiny_run):
+    from mesacli.train import load_params
+
+    r = probed.results["compress"]
+    spec, params, _ = load_params(tiny_run)
+    batch = common.test_batches(spec)[0]
+    pred, _ = model.apply(params, batch.tokens_BTI, spec)
+    prods = compress.products(params)
+    np.testing.assert_allclose(np.asarray(compress.apply_products(prods, batch.tokens_BTI, spec)), np.asarray(pred),
+                               rtol=1e-4, atol=1e-6)  # the product form is the model
+    assert len(r["scalars"]) == 1 and np.asarray(r["scalars"][0]["qk"]).shape == (2, 4, 4)
+    assert r["seq_avg_loss"]["model (product form)"] == pytest.approx(probed.results["prop1"]["seq_avg_loss"]["model"],
+                                                                      rel=1e-4)
+    # 1 layer: the compressed model is GD-1 with eta_eff (up to the s_{t-1} -> output blocks it also keeps)
+    assert r["eta_eff"] == pytest.approx(probed.results["prop1"]["eta_eff"], rel=1e-6)
+    assert [row["step"] for row in r["interpolation"]] == [0, 1, 2, 3, 4]
+
+
+def test_linearize_on_the_tiny_run(probed, tiny_run):
+    from mesacli.train import load_params
+
+    r = probed.results["linearize"]
+    row = r["per_layer"][0]
+    assert row["distil_mse_last"] < 0.5 * row["distil_mse_first"]  # the distillation learns
+    assert r["original_loss"] == pytest.approx(probed.results["prop1"]["seq_avg_loss"]["model"], rel=1e-4)
+    spec, params, _ = load_params(tiny_run)
+    batch = common.test_batches(spec)[0]
+    np.testing.assert_allclose(np.asarray(linearize.apply_with_kinds(params, batch.tokens_BTI, spec, ("linear",))),
+                               np.asarray(model.apply(params, batch.tokens_BTI, spec)[0]), rtol=1e-6)
+    # a linear layer replaced by itself (the original weights, no training) leaves the loss unchanged
+    repl, _ = linearize.distil_layer(params, spec, 0, steps=1, lr=0.0, init="original")
+    same = linearize.swap_in(params, repl, 0)
+    np.testing.assert_allclose(np.asarray(model.apply(same, batch.tokens_BTI, spec)[0]),
+                               np.asarray(model.apply(params, batch.tokens_BTI, spec)[0]), rtol=1e-6)
+
+
+def test_compressing_block_scalar_weights_is_the_identity():
+    rng = np.random.default_rng(6)
+    n, heads = 3, 2
+    prods = [tuple(np.einsum("hij,ab->hiajb", rng.normal(size=(heads, 4, 4)), np.eye(n)).reshape(heads, 4 * n, 4 * n)
+                   for _ in range(2))]
+    compressed, scalars = compress.compress_products(prods, n)
+    for (q, v), (cq, cv) in zip(prods, compressed, strict=True):
+        np.testing.assert_allclose(cq, q, atol=1e-12)
+        np.testing.assert_allclose(cv, v, atol=1e-12)
+    generic = [(rng.normal(size=(heads, 4 * n, 4 * n)), rng.normal(size=(heads, 4 * n, 4 * n)))]
+    twice = compress.compress_products(compress.compress_products(generic, n)[0], n)[0]
+    once = compress.compress_products(generic, n)[0]
+    np.testing.assert_allclose(twice[0][0], once[0][0], atol=1e-12)  # a projection
+    assert np.abs(once[0][0] - generic[0][0]).max() > 0.1
+
+
+# ----------------------------------------------------------------------------- CLI
+
+runner = CliRunner()
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.output
+
+
+def test_cli_probe_end_to_end(tiny_run):
+    result = runner.invoke(app, ["probe", str(tiny_run), "--analysis", "binding", "--seeds", "1",
+                                 "--batch-size", "32", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "binding" in result.output and "R^2" in result.output
+    data = json.loads((tiny_run / "probe" / "binding.json").read_text())
+    assert data["step"] == 20 and len(data["token_probe_r2"]) == 8
+
+
+def test_cli_probe_bad_input(tmp_path, tiny_run):
+    assert_one_line_error(runner.invoke(app, ["probe", str(tmp_path)]), "not a mesacli run directory")
+    no_ckpt = tmp_path / "no_ckpt"
+    no_ckpt.mkdir()
+    (no_ckpt / "spec.yaml").write_text(yaml.safe_dump(TINY_LSA1))
+    assert_one_line_error(runner.invoke(app, ["probe", str(no_ckpt), "-a", "probes"]), "no checkpoint found")
+    softmax = tmp_path / "softmax"
+    softmax.mkdir()
+    (softmax / "spec.yaml").write_text(yaml.safe_dump({**TINY_LSA1, "model": {**TINY_LSA1["model"],
+                                                                              "attention": "softmax"}}))
+    assert_one_line_error(runner.invoke(app, ["probe", str(softmax), "-a", "prop1"]),
+                          "prop1 needs a 1-layer linear-attention model on constructed tokens")
+    assert_one_line_error(runner.invoke(app, ["probe", str(tiny_run), "-a", "prop3"]), "unknown analysis 'prop3'")
+    assert_one_line_error(runner.invoke(app, ["probe", str(tiny_run), "--seeds", "0"]), "--seeds")
