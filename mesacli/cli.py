@@ -346,12 +346,14 @@ def probe(
     table = Table(title=f"mesacli probe: {run_dir} (step {result.step}, {result.seconds:.0f}s)", title_justify="left")
     table.add_column("analysis")
     table.add_column("key numbers")
-    for name, r in result.results.items():
-        table.add_row(name, _probe_headline(name, r))
+    for replica_seed, results in (result.per_replica or {None: result.results}).items():
+        for name, r in results.items():
+            table.add_row(name if replica_seed is None else f"{name} (seed {replica_seed})", _probe_headline(name, r))
     for name, why in result.skipped.items():
         table.add_row(name, f"skipped: {why}")
     console.print(table)
-    console.print(f"outputs: {result.summary_path.parent}/ (summary.md, "
+    where = result.summary_path.parent if not result.per_replica else result.summary_path.parent.parent
+    console.print(f"outputs: {where}/ (summary.md{', one folder per seed' if result.per_replica else ''}, "
                   f"{len(result.files)} files from this call)")
 
 

@@ -373,3 +373,17 @@ def test_cli_probe_bad_input(tmp_path, tiny_run):
                           "prop1 needs a 1-layer linear-attention model on constructed tokens")
     assert_one_line_error(runner.invoke(app, ["probe", str(tiny_run), "-a", "prop3"]), "unknown analysis 'prop3'")
     assert_one_line_error(runner.invoke(app, ["probe", str(tiny_run), "--seeds", "0"]), "--seeds")
+
+
+def test_probe_analyses_every_replica_of_a_multi_seed_run(tmp_path):
+    from mesacli.train import train
+
+    spec = spec_from_dict({**TINY_LSA1, "train": {**TINY_LSA1["train"], "seeds": 2, "seed": 3}})
+    train(spec, tmp_path / "run", progress=False)
+    result = run_probe(tmp_path / "run", ["prop1"], seeds=1, batch_size=32)
+    assert sorted(result.per_replica) == [3, 4]
+    etas = [result.per_replica[s]["prop1"]["eta_eff"] for s in (3, 4)]
+    for seed in (3, 4):
+        assert (tmp_path / "run" / "probe" / f"seed{seed}" / "prop1.json").exists()
+        assert (tmp_path / "run" / "probe" / f"seed{seed}" / "summary.md").exists()
+    assert etas[0] != etas[1]  # two different models

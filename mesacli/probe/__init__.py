@@ -38,6 +38,7 @@ class ProbeResult:
     summary_path: Path
     seconds: float
     skipped: dict[str, str]  # analysis -> why it does not apply (only when no names were given)
+    per_replica: dict[int, dict[str, dict]] = dataclasses.field(default_factory=dict)  # multi-seed: seed -> results
 
 
 def parse_analyses(names: Sequence[str] | None) -> list[str]:
@@ -76,7 +77,7 @@ def run_probe(
     """
     from mesacli.probe import summary
     from mesacli.spec import load_spec
-    from mesacli.train import SPEC_FILE, load_params
+    from mesacli.train import SPEC_FILE, load_params, replicas
 
     explicit = bool(analyses)
     names = parse_analyses(analyses)
@@ -104,21 +105,31 @@ def run_probe(
     if not names:
         raise MesaError("no analysis applies to this run: " + "; ".join(skipped.values()))
     spec, params, at_step = load_params(run_dir, step)
-    ctx = RunContext(run_dir, spec, params, at_step, seeds=seeds, batch_size=batch_size, report=report,
-                     options=dict(options or {}))
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    results, files = {}, []
-    for name in names:
-        started = time.time() - 1.0
-        result = modules[name].run(ctx)
-        result["run_dir"], result["spec_name"] = str(ctx.run_dir), spec.name
-        path = ctx.out_dir / f"{name}.json"
-        dump_json(path, result)
-        results[name] = result
-        files += sorted(p for p in ctx.out_dir.iterdir() if p.suffix in (".json", ".png")
-                        and p.stat().st_mtime >= started and p not in files)
-    summary_path = summary.write_summary(ctx.out_dir, spec, skipped)
-    return ProbeResult(run_dir, at_step, results, files, summary_path, time.time() - t0, skipped)
+    members = replicas(spec, params)  # a multi-seed run: every replica is analysed, into probe/seed<k>/
+    per_replica, files, summary_path = {}, [], None
+    for replica_seed, replica_params in members:
+        ctx = RunContext(run_dir, spec, replica_params, at_step, seeds=seeds, batch_size=batch_size, report=report,
+                         options=dict(options or {}), replica="" if len(members) == 1 else f"seed{replica_seed}")
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        results = {}
+        for name in names:
+            ctx.say(f"{name}" + (f" ({ctx.replica})" if ctx.replica else ""))
+            started = time.time() - 1.0
+            result = modules[name].run(ctx)
+            result["run_dir"], result["spec_name"] = str(ctx.run_dir), spec.name
+            if ctx.replica:
+                result["replica_seed"] = replica_seed
+            path = ctx.out_dir / f"{name}.json"
+            dump_json(path, result)
+            results[name] = result
+            files += sorted(p for p in ctx.out_dir.iterdir() if p.suffix in (".json", ".png")
+                            and p.stat().st_mtime >= started and p not in files)
+        per_replica[replica_seed] = results
+        written = summary.write_summary(ctx.out_dir, spec, skipped)
+        summary_path = summary_path or written
+    first = next(iter(per_replica.values()))
+    return ProbeResult(run_dir, at_step, first, files, summary_path, time.time() - t0, skipped,
+                       per_replica if len(members) > 1 else {})
 
 
 __all__ = ["ANALYSES", "PROBE_DIR", "ProbeResult", "parse_analyses", "run_probe"]

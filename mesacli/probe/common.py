@@ -35,10 +35,11 @@ class RunContext:
     batch_size: int = 256  # sequences per probe batch (paper: 256)
     report: Callable[[str], None] | None = None  # progress messages
     options: dict = dataclasses.field(default_factory=dict)  # per-analysis settings (see run_probe)
+    replica: str = ""  # "seed<k>" for one replica of a multi-seed run: its outputs go to probe/seed<k>/
 
     @property
     def out_dir(self) -> Path:
-        return self.run_dir / PROBE_DIR
+        return self.run_dir / PROBE_DIR / self.replica
 
     def say(self, message: str) -> None:
         if self.report is not None:
