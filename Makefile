@@ -23,8 +23,8 @@ test: install  ## the default test suite (under 10 minutes on 2 CPU cores)
 test-slow: install  ## the long tests only
 	$(PY) -m pytest -q -m slow
 
-test-distributed: install  ## the multi-process tests only (2 local processes over 127.0.0.1)
-	$(PY) -m pytest -q -m distributed tests/test_distributed.py
+test-distributed: install  ## all multi-process tests (2 local processes over 127.0.0.1), faults included
+	$(PY) -m pytest -q -m "distributed or not distributed" tests/test_distributed.py
 
 bench: install  ## compare attention kernels (time, memory); writes bench.json (several minutes on a CPU)
 	$(VENV)/bin/mesacli bench --out bench.json

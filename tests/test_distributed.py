@@ -1,6 +1,7 @@
 """Several processes on one machine (127.0.0.1, gloo CPU collectives, 2 host devices each).
 
-Marked ``distributed`` (run with ``make test-distributed``); each test starts real processes."""
+Each test starts real processes.  The equality/resume test runs in the default suite; the fault tests are
+marked ``distributed`` and run with ``make test-distributed`` (all four tests)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import pytest
 
 from mesacli.train import load_params, train
 
-pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -83,6 +83,7 @@ def assert_close(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.distributed
 def test_a_dead_peer_stops_the_other_process_with_a_message(tiny_spec_file, tmp_path):
     spec_file = tiny_spec_file(train={"steps": 100000, "checkpoint_every": 5, "eval_every": 100000})
     run = tmp_path / "run"
@@ -103,6 +104,7 @@ def test_a_dead_peer_stops_the_other_process_with_a_message(tiny_spec_file, tmp_
     assert step >= 5
 
 
+@pytest.mark.distributed
 def test_unreachable_coordinator_is_a_bounded_wait(tiny_spec_file, tmp_path):
     started = time.time()
     code, _, err = finish(launch(tiny_spec_file(), tmp_path / "run", 2, free_port(), process_ids=[1], timeout=5))[0]
@@ -112,6 +114,7 @@ def test_unreachable_coordinator_is_a_bounded_wait(tiny_spec_file, tmp_path):
     assert len(lines) == 1 and "could not reach the coordinator" in lines[0], err[-2000:]
 
 
+@pytest.mark.distributed
 def test_different_specs_and_batches_that_do_not_divide(tiny_spec_file, tmp_path):
     spec_file = tiny_spec_file()
     port = free_port()

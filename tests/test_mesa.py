@@ -50,7 +50,7 @@ f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)  # noqa: E731
         (4096, 16, 0.01, 64, 1.0),  # long sequence, strong regularisation
         (1000, 64, 10.0, 48, 1.0),  # weak regularisation, T not a multiple of C
         (515, 128, 1.0, 64, 1.0),  # wide heads
-        (300, 128, 10.0, 32, 128**-0.5),  # wide heads, weak regularisation, unit-scale keys
+        pytest.param(300, 128, 10.0, 32, 128**-0.5, marks=pytest.mark.slow),  # wide heads, weak reg., unit keys
     ],
 )
 def test_chunked_matches_direct_solve(t, d, lam, chunk, key_scale):
