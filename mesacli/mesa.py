@@ -352,10 +352,10 @@ _mesa_chunked_core.defvjp(_mesa_chunked_core_fwd, _mesa_chunked_core_bwd)
 def mesa_chunked(q_BTHD, k_BTHD, v_BTHD, lam_H, gamma_BTH=None, chunk_size: int = 64, return_state: bool = False):
     """Exact chunked parallel form with a hand-written backward pass; T need not be a multiple of C.
 
-    Forward: a scan over chunks carries R = A^{-1} (``_precondition_chunks``); outputs then come from a
-    (decayed) chunked linear attention on q~.  Backward (``_mesa_chunks_bwd``): matrix products batched
-    over chunks, reusing the forward's factors.  Stored for the backward pass: q~ and L^{-1} (O(T (D + C)))
-    and the chunk states R_0, G_0 (O((T/C) D^2)) per head.
+    Forward (``_mesa_chunks_forward``): the chunk-boundary states (A, G) by an additive recursion, then
+    every chunk's solve and outputs, all chunks at once.  Backward (``_mesa_chunks_bwd``): matrix products
+    only, reusing the forward's factors.  Stored for the backward pass: q~, M = L^{-1} K R_0 and the
+    in-chunk scores (O(T (D + C))) and the chunk states R_0, G_0 (O((T/C) D^2)) per head.
     Returns out [B, T, H, V], and with ``return_state`` also the MesaState after the last token."""
     check_mesa_args(lam_H, gamma_BTH, chunk_size)
     t = q_BTHD.shape[1]
