@@ -465,7 +465,8 @@ def prompt_tune(
         table.add_column(name, justify="left" if name in ("stage", "outputs") else "right")
     for r in results:
         resumed = f" (resumed from {r.resumed_from})" if r.resumed_from is not None else ""
-        table.add_row(r.stage, f"{r.step}{resumed}", f"{r.heldout_before:.4f}", f"{r.heldout_after:.4f}",
+        stage = r.stage if r.replica is None else f"{r.stage} (seed {r.replica})"
+        table.add_row(stage, f"{r.step}{resumed}", f"{r.heldout_before:.4f}", f"{r.heldout_after:.4f}",
                       f"{r.seconds:.0f}s", f"{r.loss_path}, {r.plot_path}")
     console.print(table)
     if results[-1].step < steps:

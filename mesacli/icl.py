@@ -284,22 +284,32 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
     seq_len = spec.task.seq_len
 
     # The tokens of each prompt kind: plain; EOS (tuned if one was tuned, else the zero vector); tuned EOS + prefix.
-    tuned = load_tuned(run_dir, n_s)
-    setups: dict[str, tuple[str, Any, Any, int]] = {}
-    sources = {}
-    for name in names:
-        if name == "plain":
-            setups[name] = ("model (plain)", None, None, 0)
-        elif name == "eos":
-            eos = tuned.get("eos")
-            sources["eos"] = "tuned" if eos is not None else "zero vector (no tuned EOS in this run)"
-            setups[name] = ("model (EOS)" if eos is not None else "model (zero EOS)",
-                            eos if eos is not None else np.zeros(n_s, np.float32), None, 0)
-        else:
-            if tuned.get("prefix") is None:
-                raise MesaError(f"no tuned prefix in {run_dir}: run `mesacli prompt-tune {run_dir} --what both` first")
-            sources["tuned"] = f"tuned EOS + tuned {len(tuned['prefix'])}-token prefix"
-            setups[name] = ("model (EOS+prefix)", tuned["prefix_eos"], tuned["prefix"], len(tuned["prefix"]))
+    # A multi-seed run has tuned tokens per replica (prompt_tune/seed<k>/).
+    def prompt_setups(tuned: dict) -> tuple[dict[str, tuple[str, Any, Any, int]], dict[str, str]]:
+        setups, sources = {}, {}
+        for name in names:
+            if name == "plain":
+                setups[name] = ("model (plain)", None, None, 0)
+            elif name == "eos":
+                eos = tuned.get("eos")
+                sources["eos"] = "tuned" if eos is not None else "zero vector (no tuned EOS in this run)"
+                setups[name] = ("model (EOS)" if eos is not None else "model (zero EOS)",
+                                eos if eos is not None else np.zeros(n_s, np.float32), None, 0)
+            else:
+                if tuned.get("prefix") is None:
+                    raise MesaError(f"no tuned prefix in {run_dir}: run `mesacli prompt-tune {run_dir} --what both` "
+                                    f"first")
+                sources["tuned"] = f"tuned EOS + tuned {len(tuned['prefix'])}-token prefix"
+                setups[name] = ("model (EOS+prefix)", tuned["prefix_eos"], tuned["prefix"], len(tuned["prefix"]))
+        return setups, sources
+
+    member_setups = {seed: prompt_setups(load_tuned(run_dir, n_s, seed if len(members) > 1 else None))[0]
+                     for seed, _ in members}
+    setups, sources = prompt_setups(load_tuned(run_dir, n_s, members[0][0] if len(members) > 1 else None))
+    for seed, other in member_setups.items():
+        if [(v[0], v[3]) for v in other.values()] != [(v[0], v[3]) for v in setups.values()]:
+            raise MesaError(f"the replicas of {run_dir} were prompt-tuned differently (seed {seed}); "
+                            f"run `mesacli prompt-tune {run_dir}` so that every replica has the same tokens' kinds")
     layouts = {}
     if n_examples is None:  # as many as every chosen prompt kind can hold
         n_examples = min(max_examples(seq_len, name != "plain", setups[name][3]) for name in names)
@@ -325,10 +335,11 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
         x, y = sample_regression(icl_key("eval", data_seed, k), n_s, n_examples, batch, x_dist, switch_at)
         xn, yn = np.asarray(x), np.asarray(y)
         for name in names:
-            label, eos, prefix, _ = setups[name]
+            label = setups[name][0]
             if label not in model_names:
                 model_names.append(label)
             for replica_seed, replica_params in members:
+                _, eos, prefix, _ = member_setups[replica_seed][name]
                 losses = model_losses_BN(replica_params, spec, layouts[name], x, y, eos, prefix)
                 per_seed.setdefault(label, []).append(losses.mean(0))
                 per_replica.setdefault(label, {}).setdefault(replica_seed, []).append(losses.mean(0))

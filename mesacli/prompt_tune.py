@@ -74,10 +74,12 @@ class StageResult:
     heldout_after: float | None = None
     loss_path: Path | None = None
     plot_path: Path | None = None
+    replica: int | None = None  # the replica's seed, for a run trained with train.seeds > 1
 
 
-def stage_dir(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / TUNE_DIR / stage
+def stage_dir(run_dir: Path, stage: str, replica: int | None = None) -> Path:
+    """RUN/prompt_tune/<stage>, or RUN/prompt_tune/seed<k>/<stage> for replica k of a multi-seed run."""
+    return Path(run_dir) / TUNE_DIR / ("" if replica is None else f"seed{replica}") / stage
 
 
 def _state_template(meta: dict) -> dict:
@@ -91,12 +93,13 @@ def _state_template(meta: dict) -> dict:
     return state
 
 
-def load_tuned(run_dir: str | Path, n_s: int) -> dict[str, Any]:
+def load_tuned(run_dir: str | Path, n_s: int, replica: int | None = None) -> dict[str, Any]:
     """{"eos": vector or None, "prefix": [P, n_s] or None, "prefix_eos": the EOS frozen with that prefix, and
-    "<stage>_step"} from the latest checkpoints of RUN_DIR/prompt_tune; a token of the wrong size is a MesaError."""
+    "<stage>_step"} from the latest checkpoints of RUN_DIR/prompt_tune (of replica ``replica`` of a multi-seed
+    run); a token of the wrong size is a MesaError."""
     out: dict[str, Any] = {"eos": None, "prefix": None, "prefix_eos": None}
     for stage in STAGES:
-        found = restore_latest(stage_dir(run_dir, stage) / "checkpoints", _state_template)
+        found = restore_latest(stage_dir(run_dir, stage, replica) / "checkpoints", _state_template)
         if found is None:
             continue
         state, meta, step = found
@@ -144,8 +147,10 @@ def make_tune_step(spec, layout: icl.PromptLayout, stage: str, lr: float, batch:
 
 def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bool = True,
                model_step: int | None = None, stop_at_step: int | None = None, heldout: bool = True,
-               loaded: tuple | None = None) -> StageResult:
-    """Tune the EOS vector or the prefix of a frozen run; resumes from the stage's latest checkpoint."""
+               loaded: tuple | None = None, replica: int | None = None) -> StageResult:
+    """Tune the EOS vector or the prefix of a frozen run; resumes from the stage's latest checkpoint.
+
+    For a multi-seed run, ``loaded`` = (spec, params of one replica, step) and ``replica`` = its seed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mesacli import plots
@@ -158,7 +163,8 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
     run_dir = Path(run_dir)
     if not (run_dir / SPEC_FILE).exists():
         raise MesaError(f"{run_dir} is not a mesacli run directory (no {SPEC_FILE})")
-    _check_single_model(load_spec(run_dir / SPEC_FILE), run_dir)
+    if loaded is None:
+        _check_single_model(load_spec(run_dir / SPEC_FILE), run_dir)
     n_s = icl.check_task_hosts_prompt(load_spec(run_dir / SPEC_FILE).task)
     prefix_len = cfg.prefix_len if stage == "prefix" else 0
     layout = icl.make_layout(load_spec(run_dir / SPEC_FILE).task.seq_len, cfg.n_examples, True, prefix_len)
@@ -166,12 +172,12 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
 
     frozen_eos = None
     if stage == "prefix":
-        tuned = load_tuned(run_dir, n_s)
+        tuned = load_tuned(run_dir, n_s, replica)
         if tuned["eos"] is None:
             raise MesaError(f"no tuned EOS in {run_dir}: run `mesacli prompt-tune {run_dir} --what eos` first")
         frozen_eos = jnp.asarray(tuned["eos"])
 
-    directory = stage_dir(run_dir, stage)
+    directory = stage_dir(run_dir, stage, replica)
     meta = {"stage": stage, "n_s": n_s, "config": dataclasses.asdict(cfg), "model_step": at_step,
             "layout": {"n_examples": layout.n_examples, "prefix_len": layout.prefix_len, "length": layout.length}}
     key = icl.icl_key("init", cfg.seed, 0 if stage == "eos" else 1)
@@ -257,20 +263,20 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
         plots.loss_curve_plot([r["step"] for r in rows], [r["loss"] for r in rows], plot_path,
                               title=f"{spec.name}: prompt-tune {stage} (train label loss)")
     return StageResult(stage, int(state["step"]), np.asarray(state["tokens"]), logged, resumed_from,
-                       time.time() - t0, before, after, directory / LOSS_FILE, plot_path)
+                       time.time() - t0, before, after, directory / LOSS_FILE, plot_path, replica)
 
 
 def _check_single_model(spec, run_dir: Path) -> None:
     if spec.train.seeds > 1:
-        raise MesaError(f"{run_dir} holds {spec.train.seeds} replicas (train.seeds); prompt-tune tunes the tokens "
-                        f"of one model and does not support multi-seed runs yet (icl-eval does)")
+        raise MesaError(f"{run_dir} holds {spec.train.seeds} replicas (train.seeds): tune them with prompt_tune(), "
+                        f"which tunes every replica, or pass loaded=(spec, replica params, step) and replica=seed")
 
 
 def prompt_tune(run_dir: str | Path, what: str, cfg: TuneConfig, *, progress: bool = True,
                 model_step: int | None = None, stop_at_step: int | None = None) -> list[StageResult]:
     """``what`` = eos, prefix (needs a tuned EOS) or both (EOS, then the prefix with that EOS frozen)."""
     from mesacli.spec import load_spec
-    from mesacli.train import SPEC_FILE, load_params
+    from mesacli.train import SPEC_FILE, load_params, replicas
 
     if what not in ("eos", "prefix", "both"):
         raise MesaError(f"--what: '{what}' is not one of eos, prefix, both")
@@ -279,16 +285,18 @@ def prompt_tune(run_dir: str | Path, what: str, cfg: TuneConfig, *, progress: bo
     run_dir = Path(run_dir)
     if not (run_dir / SPEC_FILE).exists():
         raise MesaError(f"{run_dir} is not a mesacli run directory (no {SPEC_FILE})")
-    _check_single_model(load_spec(run_dir / SPEC_FILE), run_dir)
     task = load_spec(run_dir / SPEC_FILE).task
     icl.check_task_hosts_prompt(task)
     for stage in stages:  # a context too short for the prompt fails before any JAX work
         icl.make_layout(task.seq_len, cfg.n_examples, True, cfg.prefix_len if stage == "prefix" else 0)
-    loaded = load_params(run_dir, model_step)
+    spec, params, at_step = load_params(run_dir, model_step)
+    members = replicas(spec, params)  # a multi-seed run: every replica gets its own tokens, prompt_tune/seed<k>/
     results = []
-    for stage in stages:
-        results.append(tune_stage(run_dir, stage, cfg, progress=progress, model_step=model_step,
-                                  stop_at_step=stop_at_step, loaded=loaded))
-        if results[-1].step < cfg.steps:
-            break  # stopped before the stage finished
+    for replica_seed, replica_params in members:
+        for stage in stages:
+            results.append(tune_stage(run_dir, stage, cfg, progress=progress, model_step=model_step,
+                                      stop_at_step=stop_at_step, loaded=(spec, replica_params, at_step),
+                                      replica=replica_seed if len(members) > 1 else None))
+            if results[-1].step < cfg.steps:
+                return results  # stopped before the stage finished
     return results

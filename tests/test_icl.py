@@ -276,5 +276,29 @@ def test_icl_eval_analyses_every_replica_of_a_multi_seed_run(tmp_path):
     per_replica = np.array([curve["per_replica"][s] for s in ("7", "8")])
     np.testing.assert_allclose(per_replica.mean(0), curve["mean"], rtol=1e-6)
     assert not np.allclose(per_replica[0], per_replica[1])
-    with pytest.raises(MesaError, match="does not support multi-seed runs"):
-        prompt_tune(run, "eos", TuneConfig(steps=1, batch=4))
+    # prompt-tune tunes every replica (its own tokens in prompt_tune/seed<k>/); icl-eval uses each one's
+    stages = prompt_tune(run, "eos", TuneConfig(steps=2, batch=4, n_examples=4, checkpoint_every=2), progress=False)
+    assert [(r.stage, r.replica) for r in stages] == [("eos", 7), ("eos", 8)]
+    tuned = {s: icl_load(run, s) for s in (7, 8)}
+    assert not np.allclose(tuned[7], tuned[8])  # different models, different gradients
+    report = icl.icl_eval(run, "eos", n_examples=4, seeds=1, batch=8, write=False)
+    assert "model (EOS)" in report.curves and report.meta["eos_source"]["eos"] == "tuned"
+    for seed in (7, 8):  # each replica is evaluated with its own tuned EOS
+        _, params = dict(enumerate(replicas_of(run)))[seed - 7]
+        x, y = icl.sample_regression(icl.icl_key("eval", 0, 0), N_S, 4, 8, "uniform", None)
+        layout = icl.make_layout(SEQ_LEN, 4, True, 0)
+        own = icl.model_losses_BN(params, load_params(run)[0], layout, x, y, tuned[seed], None).mean(0)
+        np.testing.assert_allclose(report.curves["model (EOS)"]["per_replica"][str(seed)], own, rtol=1e-5)
+    with pytest.raises(MesaError, match="holds 2 replicas"):
+        tune_stage(run, "eos", TuneConfig(steps=1, batch=4, n_examples=4), progress=False)
+
+
+def icl_load(run, seed):
+    return load_tuned(run, N_S, seed)["eos"]
+
+
+def replicas_of(run):
+    from mesacli.train import replicas
+
+    spec, params, _ = load_params(run)
+    return replicas(spec, params)
