@@ -65,7 +65,7 @@ def init(key: jax.Array, spec: Spec) -> Params:
     return params
 
 
-def _layer_norm(x, p):
+def layer_norm(x, p):
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.var(x, axis=-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + 1e-6) * p["scale"] + p["bias"]
@@ -115,8 +115,9 @@ def attention_block(block: Params, x_BTE: jax.Array, spec: Spec, kind: str, qk_n
     return jnp.einsum("bthd,hde->bte", out, block["w_o"]), weights
 
 
-def apply(params: Params, tokens_BTI: jax.Array, spec: Spec):
-    """Predict s_{t+1} for every position.
+def apply(params: Params, tokens_BTI: jax.Array, spec: Spec, kinds: tuple[str, ...] | None = None):
+    """Predict s_{t+1} for every position (``kinds``: the blocks' layer kinds, default the spec's; the probes
+    use it to swap one block for another kind).
 
     Returns (pred [B, T, n_s], aux) with aux = {"residual_LBTE": [L+1, B, T, E] residual stream
     after each block (0 = embedded input), "attention": tuple of [B, H, T, T] per block (None for
@@ -125,12 +126,13 @@ def apply(params: Params, tokens_BTI: jax.Array, spec: Spec):
     m = spec.model
     x = tokens_BTI @ params["input_proj"] if m.input_proj else tokens_BTI
     residuals, attentions = [x], []
-    for index, (block, kind) in enumerate(zip(params["blocks"], m.layer_kinds(), strict=False)):
-        h = _layer_norm(x, block["ln_attn"]) if m.layer_norm else x
+    kinds = m.layer_kinds() if kinds is None else kinds
+    for index, (block, kind) in enumerate(zip(params["blocks"], kinds, strict=True)):
+        h = layer_norm(x, block["ln_attn"]) if m.layer_norm else x
         delta, weights = attention_block(block, h, spec, kind, qk_norm=m.qk_norm and index > 0)
         x = x + delta
         if m.mlp:
-            h = _layer_norm(x, block["ln_mlp"]) if m.layer_norm else x
+            h = layer_norm(x, block["ln_mlp"]) if m.layer_norm else x
             x = x + jax.nn.gelu(h @ block["mlp_in"], approximate=False) @ block["mlp_out"]
         if m.act_clip is not None:
             x = jnp.clip(x, -m.act_clip, m.act_clip)

@@ -46,6 +46,27 @@ class RunContext:
             self.report(message)
 
 
+def fit_on_fresh_batches(params, tx, loss_fn: Callable, spec: Spec, data_key: jax.Array, *, steps: int,
+                         batch_size: int, log_every: int) -> tuple[Any, list[tuple[int, float]]]:
+    """Minimise loss_fn(params, batch) with the Optax ``tx``, a fresh batch every step from
+    fold_in(data_key, step); returns (params, [(step, loss)] every ``log_every`` steps and at the last)."""
+    import optax
+
+    @jax.jit
+    def step_fn(p, state, step):
+        batch = tasks.sample_batch(jax.random.fold_in(data_key, step), spec, batch_size)
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
+        updates, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, loss
+
+    state, history = tx.init(params), []
+    for step in range(steps):
+        params, state, loss = step_fn(params, state, step)
+        if step % log_every == 0 or step == steps - 1:
+            history.append((step, float(loss)))
+    return params, history
+
+
 @functools.lru_cache(maxsize=16)
 def _sampler(spec: Spec, batch_size: int):
     return jax.jit(lambda key: tasks.sample_batch(key, spec, batch_size))

@@ -16,30 +16,13 @@ import numpy as np
 import optax
 
 from mesacli import model, tasks
-from mesacli.probe.common import RunContext, test_batches
+from mesacli.probe.common import RunContext, fit_on_fresh_batches, test_batches
 from mesacli.spec import Spec
-
-
-def _layer_norm(x, p):
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.var(x, axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + 1e-6) * p["scale"] + p["bias"]
 
 
 def apply_with_kinds(params, tokens_BTI, spec: Spec, kinds: tuple[str, ...]):
     """model.apply with the layer kinds given explicitly (so one block can be a linear replacement)."""
-    m = spec.model
-    x = tokens_BTI @ params["input_proj"] if m.input_proj else tokens_BTI
-    for index, (block, kind) in enumerate(zip(params["blocks"], kinds, strict=True)):
-        h = _layer_norm(x, block["ln_attn"]) if m.layer_norm else x
-        delta, _ = model.attention_block(block, h, spec, kind, qk_norm=m.qk_norm and index > 0)
-        x = x + delta
-        if m.mlp:
-            h = _layer_norm(x, block["ln_mlp"]) if m.layer_norm else x
-            x = x + jax.nn.gelu(h @ block["mlp_in"], approximate=False) @ block["mlp_out"]
-        if m.act_clip is not None:
-            x = jnp.clip(x, -m.act_clip, m.act_clip)
-    return x @ params["output_proj"] if m.output_proj else x[..., : spec.task.obs_dim]
+    return model.apply(params, tokens_BTI, spec, kinds)[0]
 
 
 def layer_io(params, tokens_BTI, spec: Spec, layer: int):
@@ -48,7 +31,7 @@ def layer_io(params, tokens_BTI, spec: Spec, layer: int):
     _, aux = model.apply(params, tokens_BTI, spec)
     x = aux["residual_LBTE"][layer]
     block = params["blocks"][layer]
-    h = _layer_norm(x, block["ln_attn"]) if m.layer_norm else x
+    h = model.layer_norm(x, block["ln_attn"]) if m.layer_norm else x
     delta, _ = model.attention_block(block, h, spec, m.layer_kinds()[layer], qk_norm=m.qk_norm and layer > 0)
     return h, delta
 
@@ -69,27 +52,15 @@ def distil_layer(params, spec: Spec, layer: int, *, steps: int, lr: float = 1e-3
         repl = {k: params["blocks"][layer][k] for k in ("w_q", "w_k", "w_v", "w_o")}
     else:
         repl = init_replacement(jax.random.PRNGKey(spec.train.seed + 31 * layer + 5), spec)
-    tx = optax.adam(lr)
-    opt_state = tx.init(repl)
     data_key = jax.random.PRNGKey(spec.train.seed + 9999)
 
-    def loss_fn(r, h, target):
+    def loss_fn(r, batch):
+        h, target = jax.lax.stop_gradient(layer_io(params, batch.tokens_BTI, spec, layer))
         out, _ = model.attention_block(r, h, spec, "linear", qk_norm=m.qk_norm and layer > 0)
         return jnp.mean(jnp.sum((out - target) ** 2, axis=-1))
 
-    @jax.jit
-    def step_fn(r, state, step):
-        batch = tasks.sample_batch(jax.random.fold_in(data_key, step), spec, batch_size)
-        h, target = layer_io(params, batch.tokens_BTI, spec, layer)
-        loss, grads = jax.value_and_grad(loss_fn)(r, jax.lax.stop_gradient(h), jax.lax.stop_gradient(target))
-        updates, state = tx.update(grads, state, r)
-        return optax.apply_updates(r, updates), state, loss
-
-    history = []
-    for step in range(steps):
-        repl, opt_state, loss = step_fn(repl, opt_state, step)
-        if step % log_every == 0 or step == steps - 1:
-            history.append((step, float(loss)))
+    repl, history = fit_on_fresh_batches(repl, optax.adam(lr), loss_fn, spec, data_key, steps=steps,
+                                         batch_size=batch_size, log_every=log_every)
     return repl, history
 
 

@@ -22,6 +22,7 @@ from mesacli.probe.common import (
     block_diag_means,
     block_offdiag_max,
     cosine,
+    fit_on_fresh_batches,
     probe_batch,
     test_batches,
     token_space_products,
@@ -63,25 +64,13 @@ def learn_gd1_phi0(spec: Spec, eta0: float, steps: int, lr: float = 1e-3, batch_
 
     n = spec.task.obs_dim
     params = {"eta": jnp.asarray(eta0, jnp.float32), "phi": jnp.zeros((n, n), jnp.float32)}
-    tx = optax.adam(lr)
-    state = tx.init(params)
     key = jax.random.PRNGKey(spec.train.seed + 4242)
 
     def loss_fn(p, batch):
         return tasks.sequence_loss(gd1_phi0_predictions(batch.obs_BTS, p["eta"], p["phi"]), batch.targets_BTS)
 
-    @jax.jit
-    def step_fn(p, state, step):
-        batch = tasks.sample_batch(jax.random.fold_in(key, step), spec, batch_size)
-        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
-        updates, state = tx.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, loss
-
-    history = []
-    for step in range(steps):
-        params, state, loss = step_fn(params, state, step)
-        if step % max(1, steps // 20) == 0 or step == steps - 1:
-            history.append((step, float(loss)))
+    params, history = fit_on_fresh_batches(params, optax.adam(lr), loss_fn, spec, key, steps=steps,
+                                           batch_size=batch_size, log_every=max(1, steps // 20))
     return float(params["eta"]), np.asarray(params["phi"], np.float64), history
 
 

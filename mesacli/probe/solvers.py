@@ -24,7 +24,7 @@ import optax
 
 from mesacli import baselines, tasks
 from mesacli.errors import MesaError
-from mesacli.probe.common import RunContext, context_gram
+from mesacli.probe.common import RunContext, context_gram, fit_on_fresh_batches
 from mesacli.spec import Spec
 
 # The paper's learned 6-step coefficients, fully observed linear task (paper-spec 4.3, [R]).
@@ -77,7 +77,6 @@ def learn_coefficients(spec: Spec, k: int, *, momentum: bool, steps: int, lr: fl
     """
     params = {"alpha": jnp.ones((k,)), "beta": jnp.zeros((k,))}
     tx = optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.01))
-    opt_state = tx.init(params)
     data_key = jax.random.PRNGKey(spec.train.seed + 7777)
 
     def loss_fn(p, batch):
@@ -85,18 +84,8 @@ def learn_coefficients(spec: Spec, k: int, *, momentum: bool, steps: int, lr: fl
         pred = prop2_predictions(batch.obs_BTS, p["alpha"], beta, lam)
         return tasks.sequence_loss(pred, batch.targets_BTS)
 
-    @jax.jit
-    def step_fn(p, state, step):
-        batch = tasks.sample_batch(jax.random.fold_in(data_key, step), spec, batch_size)
-        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
-        updates, state = tx.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, loss
-
-    history = []
-    for step in range(steps):
-        params, opt_state, loss = step_fn(params, opt_state, step)
-        if step % log_every == 0 or step == steps - 1:
-            history.append((step, float(loss)))
+    params, history = fit_on_fresh_batches(params, tx, loss_fn, spec, data_key, steps=steps, batch_size=batch_size,
+                                           log_every=log_every)
     betas = params["beta"] if momentum else jnp.zeros((k,))
     return [float(a) for a in params["alpha"]], [float(b) for b in betas], history
 
