@@ -12,6 +12,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def finish(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, log: bool = True, title_size: int = 10,
+           legend_size: int | None = 8, dpi: int = 120) -> None:
+    """The common end of a line figure: log y axis (optional), labels, grid, legend (optional); then ``save``."""
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=title_size)
+    ax.grid(alpha=0.3, which="both")
+    if legend_size is not None:
+        ax.legend(fontsize=legend_size)
+    save(fig, path, dpi)
+
+
+def save(fig, path: Path, dpi: int = 120) -> None:
+    """Tight layout, write the PNG (creating its folder), close the figure."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def per_position_plot(curves: dict[str, np.ndarray], path: Path, title: str, dashed: tuple[str, ...] = (),
                       bands: dict[str, np.ndarray] | None = None) -> None:
     """Test loss against position t (log scale), one line per model; names in ``dashed`` (baselines) dashed;
@@ -24,15 +46,7 @@ def per_position_plot(curves: dict[str, np.ndarray], path: Path, title: str, das
         if bands and name in bands:
             std = np.asarray(bands[name])
             ax.fill_between(t, np.maximum(curve - std, curve * 1e-3), curve + std, color=line.get_color(), alpha=0.2)
-    ax.set_yscale("log")
-    ax.set_xlabel("position t")
-    ax.set_ylabel(r"test loss  $\frac{1}{2}\|s_{t+1} - f_t\|^2$")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, path, xlabel="position t", ylabel=r"test loss  $\frac{1}{2}\|s_{t+1} - f_t\|^2$", title=title)
 
 
 def training_plot(metrics_path: Path, path: Path, title: str) -> None:
@@ -49,15 +63,7 @@ def training_plot(metrics_path: Path, path: Path, title: str) -> None:
                           alpha=alpha)
         if std.any():
             ax.fill_between(steps, np.maximum(mean - std, mean * 1e-3), mean + std, color=line.get_color(), alpha=0.2)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, path, xlabel="step", ylabel="loss", title=title)
 
 
 def icl_plot(curves: dict[str, dict], path: Path, title: str, dashed: tuple[str, ...] = (),
@@ -74,26 +80,12 @@ def icl_plot(curves: dict[str, dict], path: Path, title: str, dashed: tuple[str,
             ax.plot(i, c["median"], ":", color=line.get_color(), label=f"{name}, median")
     if switch_at:
         ax.axvline(switch_at + 0.5, color="grey", lw=1, ls="-.", label="task switch")
-    ax.set_yscale("log")
-    ax.set_xlabel("example i")
-    ax.set_ylabel(r"label loss  $\frac{1}{2}\|y_i - f(\ldots, x_i)\|^2$")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, path, xlabel="example i", ylabel=r"label loss  $\frac{1}{2}\|y_i - f(\ldots, x_i)\|^2$",
+           title=title, title_size=9, legend_size=7)
 
 
 def loss_curve_plot(steps, losses, path: Path, title: str) -> None:
     """A training-style loss curve (log scale) from parallel lists of steps and losses."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, losses)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("label loss")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, path, xlabel="step", ylabel="label loss", title=title, legend_size=None)

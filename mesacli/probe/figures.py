@@ -11,12 +11,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mesacli.plots import finish, save  # noqa: E402
+
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save(fig, path, dpi=90)
 
 
 def loss_curves(curves: dict[str, np.ndarray], path: Path, title: str, log: bool = True) -> None:
@@ -26,14 +25,8 @@ def loss_curves(curves: dict[str, np.ndarray], path: Path, title: str, log: bool
         curve = np.asarray(curve)
         ax.plot(np.arange(1, len(curve) + 1), curve, "-" if i == 0 else "--",
                 label=f"{name} (mean {curve.mean():.4f})")
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel("position t")
-    ax.set_ylabel(r"$\frac{1}{2}\|s_{t+1} - f_t\|^2$")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    finish(fig, ax, path, xlabel="position t", ylabel=r"$\frac{1}{2}\|s_{t+1} - f_t\|^2$", title=title, log=log,
+           dpi=90)
 
 
 def cosine_curves(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
@@ -102,13 +95,7 @@ def position_curves(curves: dict[str, np.ndarray], path: Path, title: str, ylabe
     for name, curve in curves.items():
         curve = np.asarray(curve)
         ax.plot(np.arange(1, len(curve) + 1), curve, label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("position t")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    _save(fig, path)
+    finish(fig, ax, path, xlabel="position t", ylabel=ylabel, title=title, legend_size=7, dpi=90)
 
 
 def binding_bars(lags: Sequence[int], mse: Sequence[float], r2: Sequence[float], path: Path, title: str) -> None:
@@ -146,10 +133,4 @@ def steps_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, t
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (x, y) in curves.items():
         ax.plot(x, y, label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    finish(fig, ax, path, xlabel="step", ylabel="loss", title=title, dpi=90)
