@@ -1,6 +1,7 @@
 """Attention-kernel benchmark: speed and compiled memory of softmax, chunked linear and mesa attention.
 
-Everything runs in one process so that machine noise affects every kernel alike.  For each kernel and
+Everything runs in one process, and the kernels at one T are timed in interleaved rounds, so that machine
+noise affects every kernel alike and cancels in the ratios.  For each kernel and
 sequence length T we compile a forward function (returns the output) and a forward+backward function
 (gradients of sum(out * fixed cotangent) with respect to q, k, v and, for mesa, lambda).  Memory is the
 compiled executable's own estimate (arguments + outputs + temporaries - aliased), so a configuration
@@ -19,6 +20,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from mesacli import runtime
 from mesacli.errors import MesaError
 
 MIB = 2**20
@@ -78,7 +80,7 @@ class BenchConfig:
     seq_lens: tuple[int, ...] = (512, 2048, 8192)
     d_head: int = 64
     chunk_size: int = 64
-    repeats: int = 3
+    repeats: int = 5
     kernels: tuple[str, ...] = tuple(KERNELS)
     dtype: str = "float32"
     max_memory_gb: float = 8.0
@@ -150,19 +152,28 @@ def _compile(fn: Callable, args) -> Compiled:
     return Compiled(compiled, mem)
 
 
-def _time_calls(run: Callable, args, repeats: int, max_call_seconds: float) -> tuple[float, Optional[str]]:
-    """Median wall time (ms) of ``repeats`` calls after one warm-up; a slow warm-up is the only timing."""
+def _call_ms(run: Callable, args) -> float:
     start = time.perf_counter()
     jax.block_until_ready(run(*args))
-    warm = time.perf_counter() - start
-    if warm > max_call_seconds:
-        return warm * 1e3, f"one call only (warm-up took {warm:.1f} s)"
-    times = []
+    return (time.perf_counter() - start) * 1e3
+
+
+def _time_interleaved(jobs: dict, repeats: int, max_call_seconds: float) -> dict:
+    """Median wall time (ms) of every job, timed in interleaved rounds.
+
+    ``jobs`` maps a key to (compiled function, args).  After one warm-up call each, every round calls every
+    job once, so slow drift of the machine's speed (other processes, thermal state) affects all kernels
+    at one T alike and cancels in their ratios.  A job whose warm-up call took longer than
+    ``max_call_seconds`` is not repeated: its warm-up time is its timing.  Returns {key: (ms, note)}."""
+    warm = {key: _call_ms(run, args) for key, (run, args) in jobs.items()}
+    slow = {key for key, ms in warm.items() if ms > max_call_seconds * 1e3}
+    times: dict = {key: [] for key in jobs if key not in slow}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, None
+        for key in times:
+            times[key].append(_call_ms(*jobs[key]))
+    out = {key: (statistics.median(ms), None) for key, ms in times.items()}
+    out.update({key: (warm[key], f"one call only (warm-up took {warm[key] / 1e3:.1f} s)") for key in slow})
+    return out
 
 
 def make_inputs(config: BenchConfig, t: int, dtype):
@@ -195,29 +206,39 @@ def _mib(n_bytes: Optional[int]) -> Optional[float]:
     return None if n_bytes is None else n_bytes / MIB
 
 
-def bench_one(config: BenchConfig, name: str, t: int, dtype, report: Callable[[str], None]) -> dict:
-    """One row: compile both functions, skip the parts whose memory estimate is over the limit, time the rest."""
+PARTS = ("fwd", "fwd_bwd")
+
+
+def bench_length(config: BenchConfig, t: int, dtype, report: Callable[[str], None]) -> list[dict]:
+    """The rows of one sequence length: compile every kernel's two functions, skip those whose memory
+    estimate is over the limit, then time the rest in interleaved rounds (``_time_interleaved``)."""
     args, cot_BTHD = make_inputs(config, t, dtype)
-    forward, forward_backward = kernel_functions(name, config.chunk_size)
-    row = {"kernel": name, "T": t, "fwd_ms": None, "fwd_bwd_ms": None, "fwd_mem_mib": None,
-           "fwd_bwd_mem_mib": None, "skipped": None, "note": None}
     limit = config.max_memory_gb * GIB
-    skipped, notes = [], []
-    for part, fn, part_args in (("fwd", forward, args), ("fwd_bwd", forward_backward, (*args, cot_BTHD))):
-        report(f"{name} T={t}: compiling {part}")
-        compiled = _compile(fn, part_args)
-        row[f"{part}_mem_mib"] = _mib(compiled.mem_bytes)
-        if compiled.mem_bytes is not None and compiled.mem_bytes > limit:
-            skipped.append(f"{part.replace('_', '+')} needs {compiled.mem_bytes / GIB:.1f} GiB")
-            continue
-        report(f"{name} T={t}: timing {part}")
-        row[f"{part}_ms"], note = _time_calls(compiled.run, part_args, config.repeats, config.max_call_seconds)
+    rows, jobs = {}, {}
+    for name in config.kernels:
+        row = rows[name] = {"kernel": name, "T": t, "fwd_ms": None, "fwd_bwd_ms": None, "fwd_mem_mib": None,
+                            "fwd_bwd_mem_mib": None, "skipped": None, "note": None}
+        functions = dict(zip(PARTS, kernel_functions(name, config.chunk_size), strict=True))
+        skipped = []
+        for part, part_args in zip(PARTS, (args, (*args, cot_BTHD)), strict=True):
+            report(f"T={t}: compiling {name} {part.replace('_', '+')}")
+            compiled = _compile(functions[part], part_args)
+            row[f"{part}_mem_mib"] = _mib(compiled.mem_bytes)
+            if compiled.mem_bytes is not None and compiled.mem_bytes > limit:
+                skipped.append(f"{part.replace('_', '+')} needs {compiled.mem_bytes / GIB:.1f} GiB")
+            else:
+                jobs[(name, part)] = (compiled.run, part_args)
+        if skipped:
+            row["skipped"] = f"skipped: {', '.join(skipped)} (limit {config.max_memory_gb:g} GiB)"
+    report(f"T={t}: timing {len(jobs)} functions, {config.repeats} interleaved rounds")
+    notes: dict = {name: [] for name in rows}
+    for (name, part), (ms, note) in _time_interleaved(jobs, config.repeats, config.max_call_seconds).items():
+        rows[name][f"{part}_ms"] = ms
         if note:
-            notes.append(f"{part.replace('_', '+')}: {note}")
-    if skipped:
-        row["skipped"] = f"skipped: {', '.join(skipped)} (limit {config.max_memory_gb:g} GiB)"
-    row["note"] = "; ".join(notes) or None
-    return row
+            notes[name].append(f"{part.replace('_', '+')}: {note}")
+    for name, row in rows.items():
+        row["note"] = "; ".join(notes[name]) or None
+    return list(rows.values())
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -253,14 +274,14 @@ def run_bench(config: BenchConfig, progress: Optional[Callable[[str], None]] = N
         dtype = jnp.dtype(config.dtype)
         device = jax.devices()[0]
         report = progress or (lambda message: None)
-        jobs = [(t, name) for t in config.seq_lens for name in config.kernels]
         rows = []
-        for i, (t, name) in enumerate(jobs):
-            rows.append(bench_one(config, name, t, dtype, lambda m, i=i: report(f"[{i + 1}/{len(jobs)}] {m}")))
+        for t in config.seq_lens:
+            rows.extend(bench_length(config, t, dtype, report))
     return {
         "config": {**asdict(config), "seq_lens": list(config.seq_lens), "kernels": list(config.kernels),
                    "labels": {k: KERNELS[k].label for k in config.kernels},
-                   "device": str(device), "device_kind": device.device_kind, "jax": jax.__version__},
+                   "device": str(device), "device_kind": device.device_kind, "jax": jax.__version__,
+                   "allocator": runtime.allocator()},
         "rows": rows,
         "ratios": ratios(rows),
     }

@@ -51,6 +51,18 @@ def _user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+@app.callback()
+def _runtime_settings() -> None:
+    """Process-wide settings applied before every command (mesacli.runtime): the host allocator."""
+    from mesacli import runtime
+
+    try:
+        runtime.configure_from_env()
+    except ValueError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 def _loss_table(title: str, rows: list[tuple[str, object]], positions=(1, 5, 10, 25, 50)) -> Table:
     """rows: (name, {"curve": per-position loss, optional "params", "steps", "seconds"})."""
     import numpy as np
@@ -210,7 +222,8 @@ def _bench_table(result: dict) -> Table:
     cfg = result["config"]
     table = Table(title=f"attention kernels on {cfg['device']} (B={cfg['batch']}, H={cfg['heads']}, "
                         f"D={cfg['d_head']}, chunk={cfg['chunk_size']}, {cfg['dtype']}, median of "
-                        f"{cfg['repeats']}; memory = compiled estimate)", title_justify="left")
+                        f"{cfg['repeats']}; memory = compiled estimate; allocator {cfg.get('allocator', '?')})",
+                  title_justify="left")
     for name, justify in [("T", "right"), ("kernel", "left"), ("fwd ms", "right"), ("fwd+bwd ms", "right"),
                           ("fwd MiB", "right"), ("fwd+bwd MiB", "right"), ("time ×linear\nfwd / fwd+bwd", "right"),
                           ("memory ×linear\nfwd / fwd+bwd", "right"), ("seq ÷ chunked\nfwd / fwd+bwd", "right"),
@@ -242,7 +255,7 @@ def bench(
     seq_lens: str = typer.Option("512,2048,8192", help="Comma-separated sequence lengths T."),
     d_head: int = typer.Option(64, help="Key/value size per head D."),
     chunk_size: int = typer.Option(64, help="Chunk size of the chunked kernels."),
-    repeats: int = typer.Option(3, help="Timed calls per configuration (the median is reported)."),
+    repeats: int = typer.Option(5, help="Timed rounds; each calls every kernel at one T once (median reported)."),
     kernels: str = typer.Option("softmax,linear_chunked,mesa_sequential,mesa_chunked",
                                 help="Comma-separated kernels to compare."),
     out: Path = typer.Option(Path("bench.json"), help="Where the JSON results are written."),

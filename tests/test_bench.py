@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mesacli.bench import KERNELS, BenchConfig, kernel_functions, make_inputs, run_bench
+from mesacli.bench import KERNELS, BenchConfig, _time_interleaved, kernel_functions, make_inputs, run_bench
 from mesacli.cli import app
 from mesacli.mesa import mesa_sequential
 
@@ -34,7 +35,7 @@ def test_rows_for_every_kernel_and_length(tiny_result):
         for key in ("fwd_ms", "fwd_bwd_ms", "fwd_mem_mib", "fwd_bwd_mem_mib"):
             assert row[key] > 0, (row, key)
     assert result["config"]["device"] == str(jax.devices()[0]) and result["config"]["jax"] == jax.__version__
-    assert messages and messages[0].startswith("[1/8] softmax T=16") and messages[-1].startswith("[8/8]")
+    assert messages and messages[0] == "T=16: compiling softmax fwd" and messages[-1].startswith("T=40: timing 8")
     json.dumps(result)  # serialisable as is
 
 
@@ -73,6 +74,23 @@ def test_memory_limit_skips_before_running(tiny_result):
     rows = run_bench(replace(TINY, kernels=("softmax",), seq_lens=(16,), max_memory_gb=1e-9))["rows"]
     assert rows[0]["fwd_ms"] is None and rows[0]["fwd_bwd_ms"] is None
     assert "fwd needs" in rows[0]["skipped"] and "fwd+bwd needs" in rows[0]["skipped"]
+
+
+def test_timing_rounds_interleave_the_kernels():
+    calls = []
+
+    def job(name, seconds=0.0):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+            return name
+        return run, ()
+
+    timings = _time_interleaved({"a": job("a"), "b": job("b"), "slow": job("slow", 0.02)}, repeats=3,
+                                max_call_seconds=0.01)
+    assert calls == ["a", "b", "slow"] + ["a", "b"] * 3  # warm-ups, then rounds; the slow job only once
+    assert timings["slow"][0] >= 20 and "one call only" in timings["slow"][1]
+    assert timings["a"][1] is None and timings["a"][0] >= 0
 
 
 def test_a_slow_warm_up_call_is_the_only_timing():
