@@ -13,6 +13,7 @@ from typing import Callable, List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from mesacli.errors import MesaError
 
@@ -89,6 +90,20 @@ def _loss_table(title: str, rows: list[tuple[str, object]], positions=(1, 5, 10,
     return table
 
 
+def _stopped_early(result, total_steps: int, run_dir: Path) -> bool:
+    """Say where a training session resumed from and, if it ended before ``total_steps``, how to resume
+    (exit 130 after Ctrl-C).  True if it ended early."""
+    if result.resumed_from is not None:
+        console.print(f"resumed from step {result.resumed_from}")
+    if not (result.interrupted or result.step < total_steps):
+        return False
+    console.print(f"stopped at step {result.step} of {total_steps}; "
+                  f"run the same command again to resume from {run_dir}")
+    if result.interrupted:
+        raise typer.Exit(130)
+    return True
+
+
 @app.command()
 @_user_errors
 def train(
@@ -141,13 +156,7 @@ def train(
     result = run_training(spec, run_dir, stop_at_step=stop_at, progress=progress)
     if multi is not None and not distributed.is_primary():
         return  # process 0 reports
-    if result.resumed_from is not None:
-        console.print(f"resumed from step {result.resumed_from}")
-    if result.interrupted or result.step < spec.train.steps:
-        console.print(f"stopped at step {result.step} of {spec.train.steps}; "
-                      f"run the same command again to resume from {run_dir}")
-        if result.interrupted:
-            raise typer.Exit(130)
+    if _stopped_early(result, spec.train.steps, run_dir):
         return
     console.print(_loss_table(f"{spec.name} ({run_dir})", [(spec.name, {
         "curve": result.eval_curve, "params": count_params(result.params), "steps": result.step,
@@ -484,6 +493,117 @@ def prompt_tune(
     console.print(table)
     if results[-1].step < steps:
         console.print(f"stopped at step {results[-1].step} of {steps}; run the same command again to resume")
+
+
+# ----------------------------------------------------------------------------- mesacli lm
+
+
+class _TrainByDefault(TyperGroup):
+    """`mesacli lm SPEC.yaml ...` means `mesacli lm train SPEC.yaml ...`."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args.insert(0, "train")
+        return super().resolve_command(ctx, args)
+
+
+lm_app = typer.Typer(cls=_TrainByDefault, no_args_is_help=True, pretty_exceptions_enable=False,
+                     help="Hybrid language models (softmax, linear, DPFP, mesa layers) on local text (paper app. G). "
+                          "`mesacli lm SPEC.yaml` = `mesacli lm train SPEC.yaml`.")
+app.add_typer(lm_app, name="lm")
+
+
+def _lm_result_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in ("model", "layers", "params", "steps", "tokens", "CPU time", "val loss (nats)", "bits/token",
+                 "perplexity", "ICL score"):
+        table.add_column(name, justify="left" if name in ("model", "layers") else "right")
+    for r in rows:
+        layers = "+".join(r["layers"]) + (" (MLP)" if r["mlp"] else "") + (" key-shift" if r["key_shift"] else "")
+        table.add_row(r["name"], layers, f"{r['params']:,}", str(r["steps"]), f"{r['tokens']:,}",
+                      f"{r['seconds']:.0f} s", f"{r['val_loss']:.4f}", f"{r['val_bits_per_token']:.4f}",
+                      f"{r['val_perplexity']:.2f}", f"{r['icl_score']:+.4f}")
+    return table
+
+
+@lm_app.command("train")
+@_user_errors
+def lm_train(
+    spec_path: Path = typer.Argument(..., metavar="SPEC.yaml", help="Language-model spec (experiments/lm-*.yaml)."),
+    overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
+                                        help="Override a spec value, e.g. --set train.steps=100 (repeatable)."),
+    run_dir: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<spec name>)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved spec, then stop."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    stop_at: Optional[int] = typer.Option(None, hidden=True, help="End the session after this step (testing)."),
+):
+    """Train and evaluate a language model; resumes if RUN_DIR already has checkpoints."""
+    from mesacli.lm.spec import load_lm_spec
+    from mesacli.lm.train import EVAL_FILE, result_row, train_lm
+    from mesacli.spec import spec_to_yaml
+
+    spec = load_lm_spec(spec_path, overrides)
+    if dry_run:
+        console.print(spec_to_yaml(spec), highlight=False, markup=False)
+        return
+    run_dir = run_dir or Path("runs") / spec.name
+    result = train_lm(spec, run_dir, progress=progress, stop_at_step=stop_at,
+                      say=lambda m: err_console.print(m, highlight=False))
+    console.print(_lm_result_table([result_row(result)], f"{spec.name}: validation at step {result.step} "
+                                   f"(ICL score = loss at token {spec.eval.icl_late} - loss at token "
+                                   f"{spec.eval.icl_early})"))
+    if _stopped_early(result, spec.train.steps, run_dir):
+        return
+    console.print(f"results: {run_dir / EVAL_FILE}, {run_dir / 'metrics.jsonl'}, figures in {run_dir}")
+
+
+@lm_app.command("generate")
+@_user_errors
+def lm_generate(
+    run_dir: Path = typer.Argument(..., help="A language-model run directory."),
+    prompt: str = typer.Option("", help="Text to continue (empty: start after an end-of-document token)."),
+    max_new_tokens: int = typer.Option(200, help="Tokens to sample."),
+    temperature: float = typer.Option(0.8, help="Softmax temperature; 0 = greedy."),
+    top_k: Optional[int] = typer.Option(None, help="Sample among the k most likely tokens only."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the latest)."),
+):
+    """Sample text with the recurrent (constant-memory) forms of the linear, DPFP and mesa layers."""
+    from mesacli.lm.train import generate, load_lm
+
+    spec, params, _, tokenizer = load_lm(run_dir, step)
+    text = generate(params, spec, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, seed=seed)
+    console.print(prompt + text, highlight=False, markup=False, soft_wrap=True)
+
+
+@lm_app.command("compare")
+@_user_errors
+def lm_compare(
+    spec_paths: List[Path] = typer.Argument(..., metavar="SPEC.yaml...", help="Language-model specs to compare."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Train every model for this many steps (= --set "
+                                                          "train.steps=N; warmup is capped at a tenth of it)."),
+    overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
+                                        help="Override a value in every spec (repeatable)."),
+    out_dir: Path = typer.Option(Path("runs/lm-compare"), help="Run directories and compare.json go here."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """Train several language models with the same budget and print validation loss and ICL score side by side."""
+    from mesacli.lm.spec import load_lm_spec
+    from mesacli.lm.train import compare_lms
+
+    specs = []
+    for path in spec_paths:
+        extra = list(overrides)
+        if steps is not None:
+            probe = load_lm_spec(path, overrides)
+            extra += [f"train.steps={steps}", f"train.warmup_steps={min(probe.train.warmup_steps, steps // 10)}"]
+        specs.append(load_lm_spec(path, extra))
+    rows = compare_lms(specs, out_dir, progress=progress, say=lambda m: err_console.print(m, highlight=False))
+    early, late = specs[0].eval.icl_early, specs[0].eval.icl_late
+    console.print(_lm_result_table(rows, f"validation after {rows[0]['steps']} steps of {rows[0]['tokens']:,} tokens "
+                                         f"(ICL score = loss at token {late} - loss at token {early})"))
+    console.print(f"results: {out_dir / 'compare.json'}, figure: {out_dir / 'compare.png'}")
 
 
 def main() -> None:

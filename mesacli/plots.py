@@ -89,3 +89,30 @@ def loss_curve_plot(steps, losses, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, losses)
     finish(fig, ax, path, xlabel="step", ylabel="label loss", title=title, legend_size=None)
+
+
+def lm_position_plot(curves: dict[str, np.ndarray], path: Path, title: str,
+                     marks: tuple[int, ...] = ()) -> None:
+    """Validation cross-entropy (bits) against position in the window (log x), one line per model;
+    dotted vertical lines at ``marks`` (the ICL-score positions)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        bits = np.asarray(curve) / np.log(2.0)
+        ax.plot(np.arange(1, len(bits) + 1), bits, label=f"{name} (mean {bits.mean():.3f})")
+    for mark in marks:
+        ax.axvline(mark, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    finish(fig, ax, path, xlabel="position in the window (tokens)", ylabel="validation loss (bits per token)",
+           title=title, log=False)
+
+
+def lm_training_plot(metrics_path: Path, path: Path, title: str) -> None:
+    """Train and validation loss (bits per token) against step, from a language model's metrics.jsonl."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(r["step"], r["loss"] / np.log(2.0)) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_bits_per_token"]) for r in rows if "val_bits_per_token" in r]
+    for points, style, label in ((train, "-", "train"), (val, "o-", "validation")):
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+    finish(fig, ax, path, xlabel="step", ylabel="loss (bits per token)", title=title, log=False)

@@ -6,7 +6,7 @@ freed blocks at the top of the heap are trimmed away as well.  XLA:CPU allocates
 temporaries with malloc on every call, so a long-sequence kernel whose [chunks, B, H, C, D] buffers
 reach 32 MiB page-faults through all of them again on each call (the kernel zeroes every page: system
 time).  Measured with ``mesacli bench`` on a 2-core CPU (B=8, H=4, D=64, T=4096): the chunked
-mesa-layer's forward+backward took 1.35 s with glibc's defaults and 1.03 s with large blocks kept in
+mesa-layer's forward+backward took 1.41 s with glibc's defaults and 1.02 s with large blocks kept in
 the heap, while chunked linear attention and the sequential mesa scan were unchanged (see BENCHMARKS.md).
 
 ``keep_large_allocations`` raises the mmap and trim thresholds with ``mallopt`` so that freed large

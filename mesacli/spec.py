@@ -233,6 +233,8 @@ def spec_from_dict(data: Any, overrides: typing.Sequence[str] = ()) -> Spec:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise MesaError(f"a spec must be a mapping of sections, got {type(data).__name__}")
+    if "data" in data and "task" not in data:
+        raise MesaError("this is a language-model spec (it has a 'data' section): run it with `mesacli lm SPEC.yaml`")
     data = _deepcopy(data)
     for assignment in overrides:
         _apply_override(data, assignment)

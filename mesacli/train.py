@@ -322,6 +322,45 @@ class _MetricLog:
                     f.write(json.dumps(line) + "\n")
 
 
+def run_steps(state, start: int, end: int, total: int, *, step_fn: Callable, log: _MetricLog, save: Callable,
+              ckpts: Checkpoints, run_dir: Path, every: tuple[int, int, int], eval_record: Callable,
+              on_flush: Callable[[int, float], None]) -> tuple[Any, int, bool]:
+    """The guarded loop of `train` and `lm`: steps start..end-1 with ``step_fn(state, step) -> (state, metrics)``.
+
+    every = (log, eval, checkpoint) intervals.  Metrics are flushed every log interval and at evaluations and
+    checkpoints (a non-finite loss raises TrainingDiverged there); ``eval_record(state, step)`` is logged every
+    eval interval and at step ``total``; ``save(state, step)`` every checkpoint interval and at ``end``.
+    Ctrl-C flushes and saves the last finished step and returns interrupted = True; divergence closes the
+    checkpoints and names the last good one.  Returns (state, step, interrupted)."""
+    log_every, eval_every, checkpoint_every = every
+    step, interrupted = start, False
+    try:
+        while step < end:
+            state, metrics = step_fn(state, step)
+            log.add(step, metrics)
+            step += 1
+            do_eval = step % eval_every == 0 or step == total
+            do_ckpt = step % checkpoint_every == 0 or step == end
+            if step % log_every == 0 or do_eval or do_ckpt:
+                log.flush(eval_record(state, step) if do_eval else None)
+                on_flush(step, log.last_loss)
+            if do_ckpt:
+                save(state, step)
+    except KeyboardInterrupt:
+        interrupted = True
+        try:
+            log.flush()
+            save(state, step)
+        except TrainingDiverged:
+            pass
+    except TrainingDiverged as err:
+        last = ckpts.latest_step()
+        ckpts.close()
+        kept = f"last good checkpoint: step {last}" if last is not None else "no checkpoint was saved"
+        raise TrainingDiverged(f"{err}; training stopped ({kept} in {run_dir / CHECKPOINT_DIR})") from None
+    return state, step, interrupted
+
+
 def train(
     spec: Spec,
     run_dir: str | Path,
@@ -366,9 +405,9 @@ def train(
 
     log = _MetricLog(run_dir / METRICS_FILE, spec.train.log_every, seeds, write=primary)
     end = spec.train.steps if stop_at_step is None else min(stop_at_step, spec.train.steps)
-    t0, interrupted = time.time(), False
+    t0 = time.time()
 
-    def save(step: int) -> None:
+    def save(state, step: int) -> None:
         if ckpts.latest_step() != step:
             ckpts.save(step, state, dict(meta, step=step, loss=log.last_loss))
 
@@ -378,40 +417,24 @@ def train(
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
     with Progress(*columns, disable=not (progress and primary), transient=False) as bar:
         task_id = bar.add_task(spec.name, total=spec.train.steps, completed=start, loss="-")
-        step = start
-        try:
-            while step < end:
-                state, metrics = train_step(state)
-                log.add(step, metrics)
-                step += 1
-                do_eval = step % spec.train.eval_every == 0 or step == spec.train.steps
-                do_ckpt = step % spec.train.checkpoint_every == 0 or step == end
-                if step % spec.train.log_every == 0 or do_eval or do_ckpt:
-                    extra = None
-                    if do_eval:
-                        per_seed = evaluate(state["params"]).mean(axis=1)
-                        extra = {"step": step, "eval_loss": float(per_seed.mean())}
-                        if stacked:
-                            extra.update(eval_loss_std=float(per_seed.std()),
-                                         eval_loss_per_seed=[float(x) for x in per_seed])
-                    log.flush(extra)
-                    bar.update(task_id, completed=step, loss=f"{log.last_loss:.4f}")
-                    if on_log is not None:
-                        on_log(step, log.last_loss)
-                if do_ckpt:
-                    save(step)
-        except KeyboardInterrupt:
-            interrupted = True
-            try:
-                log.flush()
-                save(step)
-            except TrainingDiverged:
-                pass
-        except TrainingDiverged as err:
-            last = ckpts.latest_step()
-            ckpts.close()
-            kept = f"last good checkpoint: step {last}" if last is not None else "no checkpoint was saved"
-            raise TrainingDiverged(f"{err}; training stopped ({kept} in {run_dir / CHECKPOINT_DIR})") from None
+
+        def eval_record(state, step: int) -> dict:
+            per_seed = evaluate(state["params"]).mean(axis=1)
+            record = {"step": step, "eval_loss": float(per_seed.mean())}
+            if stacked:
+                record.update(eval_loss_std=float(per_seed.std()), eval_loss_per_seed=[float(x) for x in per_seed])
+            return record
+
+        def on_flush(step: int, loss: float) -> None:
+            bar.update(task_id, completed=step, loss=f"{loss:.4f}")
+            if on_log is not None:
+                on_log(step, loss)
+
+        state, step, interrupted = run_steps(
+            state, start, end, spec.train.steps, step_fn=lambda state, step: train_step(state), log=log, save=save,
+            ckpts=ckpts, run_dir=run_dir, every=(spec.train.log_every, spec.train.eval_every,
+                                                 spec.train.checkpoint_every),
+            eval_record=eval_record, on_flush=on_flush)
     ckpts.close()
     curves = evaluate(state["params"])
     curve = curves.mean(axis=0)

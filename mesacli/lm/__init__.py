@@ -1,0 +1,1 @@
+"""Language models with mesa-layers on real text (paper appendix G): specs, data, model, training, sampling."""

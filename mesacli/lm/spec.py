@@ -1,0 +1,158 @@
+"""Language-model specs (paper appendix G, paper-spec section 6): frozen dataclasses loaded strictly from YAML.
+
+Sections: ``data`` (the text and its tokens), ``model`` (pre-LayerNorm GPT-2 blocks whose attention layer
+is chosen per position), ``train`` (AdamW, warmup + cosine) and ``eval`` (validation windows and the
+in-context-learning score).  Loading uses the same strict rules as the synthetic-task specs (unknown key
+with a did-you-mean hint, wrong types, impossible combinations) and the same ``--set`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+from mesacli.errors import MesaError
+from mesacli.spec import _apply_override, _build, _choice, _deepcopy, _positive, parse_yaml
+
+LM_LAYER_KINDS = ("softmax", "linear", "dpfp", "mesa")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Local text only (never downloaded): ``path`` is a file, a directory (every file below it, sorted) or
+    a glob; None = the embedded default corpus.  Files are documents, separated by an EOS token."""
+
+    path: str | None = None
+    tokenizer: str = "bytes"  # bytes (vocabulary 256 + EOS) or a local tokenizer.json (needs `tokenizers`)
+    val_fraction: float = 0.1  # share of the split blocks that go to validation
+    split_block: int = 4096  # tokens per block of the deterministic train/validation split
+    split_seed: int = 0  # which blocks are validation blocks (a hash of seed and block index)
+    cache_dir: str | None = None  # where the memory-mapped token files go; None = <run dir>/data
+
+
+@dataclasses.dataclass(frozen=True)
+class LMModelSpec:
+    """GPT-2 blocks: x <- x + attn(LN(x)); x <- x + MLP(LN(x)) (if ``mlp``); tokens embedded, sinusoidal PE
+    added, embedding dropout, final LayerNorm, output projection to logits."""
+
+    layers: tuple[str, ...] = ("softmax", "mesa")  # attention kind of each block: softmax | linear | dpfp | mesa
+    context: int = 256  # tokens per training window
+    embed_dim: int = 128
+    num_heads: int = 4
+    key_size: int = 32
+    mlp: bool = False
+    mlp_ratio: int = 4  # hidden size of the ReLU MLP = mlp_ratio * embed_dim
+    dpfp_nu: int = 2  # DPFP-nu features of keys/queries in dpfp and mesa layers (0: none); size 2 * key_size * nu
+    key_shift: bool = False  # block 1's keys come from the previous token (the hard-coded one-step key-shift)
+    mesa_lambda_init: float = 1.0
+    mesa_chunk_size: int = 64
+    dropout: float = 0.1  # embedding dropout
+    init_std: float = 0.02  # N(0, init_std^2); weights feeding the residual stream scaled by 1/sqrt(2 * layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMTrainSpec:
+    """AdamW (decay on matrices only), global-norm clipping, linear warmup then cosine decay."""
+
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    end_lr: float = 1e-4  # reached at the last step
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0  # init and the training windows of step s: fold_in(seed, s)
+    log_every: int = 25
+    eval_every: int = 250
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class LMEvalSpec:
+    """Validation: ``windows`` fixed windows of the validation split.  ICL score (Kaplan et al., Olsson et
+    al.): loss at token ``icl_late`` minus loss at token ``icl_early`` (1-based positions in a window)."""
+
+    windows: int = 128
+    batch_size: int = 32
+    icl_early: int = 50
+    icl_late: int = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class LMSpec:
+    name: str = "lm"
+    description: str = ""
+    data: DataSpec = DataSpec()
+    model: LMModelSpec = LMModelSpec()
+    train: LMTrainSpec = LMTrainSpec()
+    eval: LMEvalSpec = LMEvalSpec()
+
+
+def validate_lm(spec: LMSpec) -> None:
+    """Reject values that cannot work, with a one-line reason."""
+    d, m, t, e = spec.data, spec.model, spec.train, spec.eval
+    if not m.layers:
+        raise MesaError("model.layers: list at least one layer kind, e.g. [softmax, mesa]")
+    for i, kind in enumerate(m.layers):
+        _choice(kind, LM_LAYER_KINDS, f"model.layers[{i}]")
+    if d.tokenizer != "bytes" and not d.tokenizer.endswith(".json"):
+        raise MesaError(f"data.tokenizer: 'bytes' or the path of a local tokenizer.json, got {d.tokenizer!r}")
+    if not 0 < d.val_fraction < 1:
+        raise MesaError(f"data.val_fraction: must lie in (0, 1), got {d.val_fraction}")
+    for path, value in [
+        ("data.split_block", d.split_block), ("model.context", m.context), ("model.embed_dim", m.embed_dim),
+        ("model.num_heads", m.num_heads), ("model.key_size", m.key_size), ("model.mlp_ratio", m.mlp_ratio),
+        ("model.mesa_lambda_init", m.mesa_lambda_init), ("model.mesa_chunk_size", m.mesa_chunk_size),
+        ("model.init_std", m.init_std), ("train.steps", t.steps), ("train.batch_size", t.batch_size),
+        ("train.lr", t.lr), ("train.grad_clip", t.grad_clip), ("train.log_every", t.log_every),
+        ("train.eval_every", t.eval_every), ("train.checkpoint_every", t.checkpoint_every),
+        ("train.keep_checkpoints", t.keep_checkpoints), ("eval.windows", e.windows),
+        ("eval.batch_size", e.batch_size), ("eval.icl_early", e.icl_early), ("eval.icl_late", e.icl_late),
+    ]:
+        _positive(value, path)
+    for path, value in [("model.dpfp_nu", m.dpfp_nu), ("train.warmup_steps", t.warmup_steps),
+                        ("train.weight_decay", t.weight_decay), ("train.end_lr", t.end_lr)]:
+        if value < 0:
+            raise MesaError(f"{path}: must be >= 0, got {value}")
+    if not 0 <= m.dropout < 1:
+        raise MesaError(f"model.dropout: must lie in [0, 1), got {m.dropout}")
+    if m.embed_dim % 2:
+        raise MesaError(f"model.embed_dim ({m.embed_dim}) must be even (sinusoidal position encodings)")
+    if m.key_shift and m.layers[0] == "softmax":
+        raise MesaError("model.key_shift replaces the first softmax layer: block 1 must be linear, dpfp or mesa")
+    if t.warmup_steps >= t.steps:
+        raise MesaError(f"train.warmup_steps ({t.warmup_steps}) must be smaller than train.steps ({t.steps})")
+    if not e.icl_early < e.icl_late <= m.context:
+        raise MesaError(f"eval.icl_early ({e.icl_early}) < eval.icl_late ({e.icl_late}) <= model.context "
+                        f"({m.context}) is required")
+
+
+def lm_spec_from_dict(data: Any, overrides: typing.Sequence[str] = ()) -> LMSpec:
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise MesaError(f"a spec must be a mapping of sections, got {type(data).__name__}")
+    if "task" in data:
+        raise MesaError("this is a synthetic-task spec (it has a 'task' section): run it with `mesacli train`")
+    data = _deepcopy(data)
+    for assignment in overrides:
+        _apply_override(data, assignment)
+    spec = _build(LMSpec, data, "")
+    validate_lm(spec)
+    return spec
+
+
+def load_lm_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> LMSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise MesaError(f"spec file not found: {path}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise MesaError(f"cannot read spec file {path}: {err}") from None
+    return lm_spec_from_dict(parse_yaml(text, str(path)), overrides)
