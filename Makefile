@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow test-distributed lint format clean bench bench-seeds
+.PHONY: install run test test-slow test-distributed lint format clean bench bench-seeds lm-compare
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ bench: install  ## compare attention kernels (time, memory); writes bench.json (
 
 bench-seeds: install  ## steps/s of 1 seed vs 8 seeds in one program vs 8 runs (LSA-1, Softmax-3); bench_seeds.json
 	$(VENV)/bin/mesacli bench-seeds experiments/lsa1_constructed.yaml experiments/softmax3_full.yaml --seeds 8
+
+lm-compare: install  ## 2-layer language models (softmax then softmax/linear/DPFP/mesa), equal budgets (~20 min CPU)
+	$(VENV)/bin/mesacli lm compare experiments/lm-2l-softmax.yaml experiments/lm-2l-linear.yaml \
+		experiments/lm-2l-dpfp.yaml experiments/lm-2l-mesa.yaml --out-dir runs/lm-compare
 
 lint: install
 	$(VENV)/bin/ruff check mesacli tests

@@ -3,8 +3,10 @@ memory-mapped cache, windows, and clear errors for bad corpora."""
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,10 +126,36 @@ def test_bad_corpora_are_clear_errors(case, fragment, tmp_path):
         lm_data.check_context(data, 5000)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files without read permission")
-def test_unreadable_file(tmp_path):
+def test_unreadable_file(tmp_path, monkeypatch):
     path = tmp_path / "secret.txt"
     path.write_bytes(b"x" * 100)
     path.chmod(0)
-    with pytest.raises(MesaError, match="cannot read corpus file"):
+    if os.geteuid() == 0:  # root reads it anyway: make the open fail as it would for anyone else
+
+        def denied(file, *args, **kwargs):
+            if Path(file) == path:
+                raise PermissionError(13, "Permission denied")
+            return builtins.open(file, *args, **kwargs)
+
+        monkeypatch.setattr(lm_data, "open", denied, raising=False)
+    with pytest.raises(MesaError, match="cannot read corpus file .*secret.txt: Permission denied"):
         lm_data.prepare_corpus(_spec(path), tmp_path / "cache")
+
+
+def test_a_tokenizer_file_needs_the_optional_package_or_is_used(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        path.write_text("{}")
+        with pytest.raises(MesaError, match="needs the `tokenizers` package"):
+            lm_data.load_tokenizer(str(path))
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "mesa": 1, "layer": 2, "</s>": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    loaded = lm_data.load_tokenizer(str(path))
+    assert loaded.eos_id == 3 and loaded.vocab_size == 4
+    np.testing.assert_array_equal(loaded.encode(b"mesa layer mesa"), [1, 2, 1])
