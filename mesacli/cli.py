@@ -515,14 +515,15 @@ app.add_typer(lm_app, name="lm")
 
 def _lm_result_table(rows: list[dict], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for name in ("model", "layers", "params", "steps", "tokens", "CPU time", "val loss (nats)", "bits/token",
+    for name in ("model", "layers", "params", "steps", "tokens", "wall time", "val loss (nats)", "bits/token",
                  "perplexity", "ICL score"):
         table.add_column(name, justify="left" if name in ("model", "layers") else "right")
     for r in rows:
         layers = "+".join(r["layers"]) + (" (MLP)" if r["mlp"] else "") + (" key-shift" if r["key_shift"] else "")
-        table.add_row(r["name"], layers, f"{r['params']:,}", str(r["steps"]), f"{r['tokens']:,}",
-                      f"{r['seconds']:.0f} s", f"{r['val_loss']:.4f}", f"{r['val_bits_per_token']:.4f}",
-                      f"{r['val_perplexity']:.2f}", f"{r['icl_score']:+.4f}")
+        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f} s"
+        table.add_row(r["name"], layers, f"{r['params']:,}", str(r["steps"]), f"{r['tokens']:,}", seconds,
+                      f"{r['val_loss']:.4f}", f"{r['val_bits_per_token']:.4f}", f"{r['val_perplexity']:.2f}",
+                      f"{r['icl_score']:+.4f}")
     return table
 
 
@@ -555,6 +556,30 @@ def lm_train(
     if _stopped_early(result, spec.train.steps, run_dir):
         return
     console.print(f"results: {run_dir / EVAL_FILE}, {run_dir / 'metrics.jsonl'}, figures in {run_dir}")
+
+
+@lm_app.command("eval")
+@_user_errors
+def lm_eval(
+    run_dirs: List[Path] = typer.Argument(..., help="Language-model run directories."),
+    windows: Optional[int] = typer.Option(None, help="Validation windows (default: each spec's eval.windows)."),
+    step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the latest)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the rows (with per-position losses) to this JSON file."),
+):
+    """Re-evaluate trained language models on the validation split: loss, bits per token, perplexity, ICL score."""
+    import json
+
+    from mesacli.lm.train import evaluate_run
+
+    rows = [evaluate_run(run_dir, windows=windows, step=step) for run_dir in run_dirs]
+    spec_eval = rows[0]
+    console.print(_lm_result_table(rows, f"validation on {spec_eval['windows']} windows"))
+    if out is not None:
+        try:
+            out.write_text(json.dumps(rows, indent=1) + "\n")
+        except OSError as err:
+            raise MesaError(f"cannot write {out}: {err.strerror or err}") from None
+        console.print(f"rows: {out}")
 
 
 @lm_app.command("generate")

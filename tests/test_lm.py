@@ -222,7 +222,7 @@ def _write_spec(tmp_path: Path, name: str, corpus: Path, layers=("softmax", "mes
     return path
 
 
-def test_cli_lm_trains_generates_and_compares(corpus_file, tmp_path):
+def test_cli_lm_trains_generates_evaluates_and_compares(corpus_file, tmp_path):
     spec = _write_spec(tmp_path, "tiny-mesa", corpus_file)
     run = tmp_path / "run"
     result = runner.invoke(app, ["lm", str(spec), "--run-dir", str(run), "--no-progress"])
@@ -232,6 +232,15 @@ def test_cli_lm_trains_generates_and_compares(corpus_file, tmp_path):
     result = runner.invoke(app, ["lm", "generate", str(run), "--prompt", "the mesa", "--max-new-tokens", "12"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("the mesa")
+    # lm eval: the spec's own windows give eval.json's numbers again; --windows re-evaluates on more
+    stored, rows = json.loads((run / "eval.json").read_text()), tmp_path / "rows.json"
+    result = runner.invoke(app, ["lm", "eval", str(run), "--out", str(rows)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(rows.read_text())[0]["val_loss"] == pytest.approx(stored["val_loss"], rel=1e-6)
+    result = runner.invoke(app, ["lm", "eval", str(run), "--windows", "64", "--out", str(rows)])
+    assert result.exit_code == 0 and json.loads(rows.read_text())[0]["windows"] == 64
+    result = runner.invoke(app, ["lm", "eval", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and result.output.startswith("error:")
 
     other = _write_spec(tmp_path, "tiny-dpfp", corpus_file, ("softmax", "dpfp"))
     out = tmp_path / "cmp"
@@ -265,3 +274,4 @@ def test_cli_lm_bad_corpora(case, tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error:") and "Traceback" not in result.output
     assert {"missing": "nowhere.txt", "empty": "empty", "too_short": "301"}[case] in lines[-1], lines[-1]
+

@@ -78,7 +78,7 @@ class LMEvalSpec:
     """Validation: ``windows`` fixed windows of the validation split.  ICL score (Kaplan et al., Olsson et
     al.): loss at token ``icl_late`` minus loss at token ``icl_early`` (1-based positions in a window)."""
 
-    windows: int = 128
+    windows: int = 1024
     batch_size: int = 32
     icl_early: int = 50
     icl_late: int = 200

@@ -208,7 +208,7 @@ class LMResult:
     params: Any
     num_params: int
     tokens_seen: int
-    seconds: float  # wall time of this session's training steps (compilation included)
+    seconds: float | None  # wall time of this session's training steps (compilation included)
     resumed_from: int | None
     interrupted: bool = False
 
@@ -276,6 +276,22 @@ def train_lm(spec: LMSpec, run_dir: str | Path, *, progress: bool = True, stop_a
         plots.lm_training_plot(run_dir / METRICS_FILE, run_dir / "training_curve.png", title=spec.name)
     return LMResult(run_dir, spec, final_step, final, state["params"], num_params, tokens_seen, seconds,
                     resumed_from, interrupted)
+
+
+def evaluate_run(run_dir: str | Path, *, windows: int | None = None, step: int | None = None) -> dict:
+    """Re-evaluate a run's checkpoint on ``windows`` validation windows (default: the spec's eval.windows);
+    returns a results row (``result_row`` keys, seconds None) with the per-position loss."""
+    spec, params, at_step, _ = load_lm(run_dir, step)
+    if windows is not None:
+        if windows < 1:
+            raise MesaError(f"--windows must be >= 1, got {windows}")
+        spec = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, windows=windows))
+    corpus = corpus_for(spec, Path(run_dir))
+    evaluation = make_evaluator(spec, corpus.val)(params)
+    result = LMResult(Path(run_dir), spec, at_step, evaluation, params, model.count_params(params),
+                      at_step * spec.train.batch_size * spec.model.context, None, None)
+    return {**result_row(result), "windows": spec.eval.windows,
+            "per_position_loss": [float(x) for x in evaluation.per_position]}
 
 
 # ----------------------------------------------------------------------------- sampling
