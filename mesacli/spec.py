@@ -229,18 +229,35 @@ def _apply_override(data: dict, assignment: str) -> None:
     node[keys[-1]] = value
 
 
-def spec_from_dict(data: Any, overrides: typing.Sequence[str] = ()) -> Spec:
+def build_spec(cls: type, data: Any, overrides: typing.Sequence[str], check: typing.Callable[[Any], None]) -> Any:
+    """A spec of dataclass ``cls`` from parsed YAML: apply the ``--set`` overrides, build strictly, ``check``."""
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise MesaError(f"a spec must be a mapping of sections, got {type(data).__name__}")
-    if "data" in data and "task" not in data:
-        raise MesaError("this is a language-model spec (it has a 'data' section): run it with `mesacli lm SPEC.yaml`")
     data = _deepcopy(data)
     for assignment in overrides:
         _apply_override(data, assignment)
-    spec = _build(Spec, data, "")
-    validate(spec)
+    spec = _build(cls, data, "")
+    check(spec)
     return spec
+
+
+def read_spec_file(path: str | Path) -> Any:
+    """The parsed YAML of a spec file (MesaError if it is missing, unreadable or not YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MesaError(f"spec file not found: {path}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise MesaError(f"cannot read spec file {path}: {err}") from None
+    return parse_yaml(text, str(path))
+
+
+def spec_from_dict(data: Any, overrides: typing.Sequence[str] = ()) -> Spec:
+    if isinstance(data, dict) and "data" in data and "task" not in data:
+        raise MesaError("this is a language-model spec (it has a 'data' section): run it with `mesacli lm SPEC.yaml`")
+    return build_spec(Spec, data, overrides, validate)
 
 
 def _deepcopy(data: Any) -> Any:
@@ -252,14 +269,7 @@ def _deepcopy(data: Any) -> Any:
 
 
 def load_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> Spec:
-    path = Path(path)
-    if not path.is_file():
-        raise MesaError(f"spec file not found: {path}")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise MesaError(f"cannot read spec file {path}: {err}") from None
-    return spec_from_dict(parse_yaml(text, str(path)), overrides)
+    return spec_from_dict(read_spec_file(path), overrides)
 
 
 def spec_to_dict(spec: Spec) -> dict:

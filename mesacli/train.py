@@ -211,14 +211,14 @@ class TrainResult:
         return float(np.mean(self.eval_curve))
 
 
-def prepare_run_dir(spec: Spec, run_dir: Path) -> None:
-    """Create a run directory, or check that an existing one was made with this exact spec."""
+def prepare_run_dir(spec: Any, run_dir: Path, load: Callable[[Path], Any] = load_spec) -> None:
+    """Create a run directory, or check that an existing one was made with this exact spec (read by ``load``)."""
     spec_path = run_dir / SPEC_FILE
     if run_dir.exists() and not run_dir.is_dir():
         raise MesaError(f"run directory {run_dir} exists and is not a directory")
     if spec_path.exists():
         try:
-            stored = load_spec(spec_path)
+            stored = load(spec_path)
         except MesaError as err:
             raise MesaError(f"run directory {run_dir} has an unreadable spec: {err}") from None
         if stored != spec:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mesacli.errors import MesaError
-from mesacli.spec import _apply_override, _build, _choice, _deepcopy, _positive, parse_yaml
+from mesacli.spec import _choice, _positive, build_spec, read_spec_file
 
 LM_LAYER_KINDS = ("softmax", "linear", "dpfp", "mesa")
 
@@ -134,25 +134,10 @@ def validate_lm(spec: LMSpec) -> None:
 
 
 def lm_spec_from_dict(data: Any, overrides: typing.Sequence[str] = ()) -> LMSpec:
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise MesaError(f"a spec must be a mapping of sections, got {type(data).__name__}")
-    if "task" in data:
+    if isinstance(data, dict) and "task" in data:
         raise MesaError("this is a synthetic-task spec (it has a 'task' section): run it with `mesacli train`")
-    data = _deepcopy(data)
-    for assignment in overrides:
-        _apply_override(data, assignment)
-    spec = _build(LMSpec, data, "")
-    validate_lm(spec)
-    return spec
+    return build_spec(LMSpec, data, overrides, validate_lm)
 
 
 def load_lm_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> LMSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise MesaError(f"spec file not found: {path}")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise MesaError(f"cannot read spec file {path}: {err}") from None
-    return lm_spec_from_dict(parse_yaml(text, str(path)), overrides)
+    return lm_spec_from_dict(read_spec_file(path), overrides)

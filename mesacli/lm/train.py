@@ -28,7 +28,7 @@ from mesacli.layers import sinusoidal_encoding
 from mesacli.lm import data as lm_data
 from mesacli.lm import model
 from mesacli.lm.spec import LMSpec, LMTrainSpec, load_lm_spec
-from mesacli.spec import spec_diff, spec_to_dict, spec_to_yaml
+from mesacli.spec import spec_to_dict
 from mesacli.train import (
     CHECKPOINT_DIR,
     METRICS_FILE,
@@ -37,6 +37,7 @@ from mesacli.train import (
     _truncate_metrics,
     check_batch_divides,
     make_mesh,
+    prepare_run_dir,
     run_steps,
 )
 
@@ -141,29 +142,6 @@ def make_evaluator(spec: LMSpec, val_tokens: np.ndarray) -> Callable[[Any], Eval
 # ----------------------------------------------------------------------------- run directory
 
 
-def prepare_lm_run_dir(spec: LMSpec, run_dir: Path) -> None:
-    """Create a run directory, or check that an existing one was made with this exact spec."""
-    spec_path = run_dir / SPEC_FILE
-    if run_dir.exists() and not run_dir.is_dir():
-        raise MesaError(f"run directory {run_dir} exists and is not a directory")
-    if spec_path.exists():
-        try:
-            stored = load_lm_spec(spec_path)
-        except MesaError as err:
-            raise MesaError(f"run directory {run_dir} has an unreadable language-model spec: {err}") from None
-        if stored != spec:
-            diff = "; ".join(spec_diff(stored, spec)[:4])
-            raise MesaError(f"run directory {run_dir} was made with a different spec ({diff}); "
-                            f"use another --run-dir or the same spec")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise MesaError(f"{run_dir} is not empty and is not a mesacli run directory (no {SPEC_FILE})")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not spec_path.exists():
-        tmp = spec_path.with_suffix(".tmp")
-        tmp.write_text(f"# resolved language-model spec written by mesacli\n{spec_to_yaml(spec)}")
-        tmp.replace(spec_path)
-
-
 def corpus_for(spec: LMSpec, run_dir: Path, progress: Callable[[str], None] | None = None) -> lm_data.TokenData:
     cache = Path(spec.data.cache_dir) if spec.data.cache_dir else run_dir / "data"
     data = lm_data.prepare_corpus(spec.data, cache, progress)
@@ -221,7 +199,7 @@ def train_lm(spec: LMSpec, run_dir: str | Path, *, progress: bool = True, stop_a
     from mesacli import plots
 
     run_dir = Path(run_dir)
-    prepare_lm_run_dir(spec, run_dir)
+    prepare_run_dir(spec, run_dir, load=load_lm_spec)
     corpus = corpus_for(spec, run_dir, say)
     mesh = make_mesh()
     check_batch_divides(spec.train.batch_size, mesh)
