@@ -112,6 +112,7 @@ def test_divergence_exits_1_with_a_message(tiny_spec_file, tmp_path):
     assert "last good checkpoint: step" in result.output
 
 
+@pytest.mark.slow
 def test_train_and_eval_with_several_seeds(tiny_spec_file, tmp_path):
     spec, run = tiny_spec_file(), tmp_path / "run"
     result = invoke("train", spec, "--run-dir", run, "--no-progress", "--seeds", "2", "--set", "train.steps=2")

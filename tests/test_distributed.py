@@ -1,7 +1,8 @@
 """Several processes on one machine (127.0.0.1, gloo CPU collectives, 2 host devices each).
 
-Each test starts real processes.  The equality/resume test runs in the default suite; the fault tests are
-marked ``distributed`` and run with ``make test-distributed`` (all four tests)."""
+Each test starts real processes, so all four are marked ``distributed`` and run with ``make test-distributed``
+(the default suite stays under 10 minutes on 2 cores; multi-device sharding in one process is tested there,
+tests/test_multidevice.py)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.distributed
 def test_two_processes_equal_one_process_and_resume_in_one(tiny_spec_file, tmp_path):
     spec_file = tiny_spec_file()
     multi, single = tmp_path / "multi", tmp_path / "single"

@@ -263,6 +263,7 @@ def test_cli_bad_inputs_give_one_error_line(tiny_run, tmp_path):
                                         "--no-progress"]), "no tuned EOS")
 
 
+@pytest.mark.slow
 def test_icl_eval_analyses_every_replica_of_a_multi_seed_run(tmp_path):
     from mesacli.prompt_tune import prompt_tune
 

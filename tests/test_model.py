@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mesacli import baselines, model, tasks
 from mesacli.spec import spec_from_dict
@@ -64,6 +65,7 @@ def test_param_count_of_lsa1():
     assert model.count_params(model.init(jax.random.PRNGKey(0), spec)) == 4 * 40 * 2 * 20
 
 
+@pytest.mark.slow
 def test_mesa_forms_and_forgetting_options_agree_inside_the_model():
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 4))
     by_forget = {}

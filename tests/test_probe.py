@@ -375,6 +375,7 @@ def test_cli_probe_bad_input(tmp_path, tiny_run):
     assert_one_line_error(runner.invoke(app, ["probe", str(tiny_run), "--seeds", "0"]), "--seeds")
 
 
+@pytest.mark.slow
 def test_probe_analyses_every_replica_of_a_multi_seed_run(tmp_path):
     from mesacli.train import train
 

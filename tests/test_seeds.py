@@ -36,6 +36,7 @@ def test_replica_i_equals_the_plain_run_with_seed_i():
     assert not np.allclose(leaves[0][0], leaves[0][1])
 
 
+@pytest.mark.slow
 def test_seeds_run_writes_per_seed_metrics_and_resumes(tmp_path):
     spec = tiny_spec(train={"seeds": 2})
     interrupted = train(spec, tmp_path / "run", stop_at_step=3, progress=False)
