@@ -3,8 +3,8 @@
 A corpus is a file, a directory (every non-hidden file below it, sorted) or a glob; ``None`` is the embedded
 default corpus (``corpus/python_reference.txt.gz``).  Files are documents: their tokens are concatenated
 with one EOS token between two files.  The stream is cut into blocks of ``split_block`` tokens and block i
-goes to validation iff splitmix64(split_seed, i) / 2^64 < val_fraction (deterministic, independent of the
-machine); the train and validation tokens are written once, in stream order, to ``train.bin`` / ``val.bin``
+goes to validation iff splitmix64(splitmix64(split_seed) + i) / 2^64 < val_fraction (deterministic, independent
+of the machine); the train and validation tokens are written once, in stream order, to ``train.bin`` / ``val.bin``
 (raw uint16/uint32) under a cache directory and opened with ``np.memmap``, so corpora larger than RAM work.
 Files are read in pieces, never whole.
 """
@@ -27,7 +27,8 @@ from mesacli.lm.spec import DataSpec
 EOS_NAME = "<eos>"
 EMBEDDED_CORPUS = Path(__file__).resolve().parent / "corpus" / "python_reference.txt.gz"
 PIECE_BYTES = 16 * 2**20
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SPLITS = ("train", "val")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,28 +44,23 @@ class Tokenizer:
         """Token ids (int64) of raw bytes; byte tokens accept any bytes, UTF-8 or not."""
         if self._hf is None:
             return np.frombuffer(data, np.uint8).astype(np.int64)
-        return np.asarray(self._hf.encode(data.decode("utf-8", errors="replace")).ids, np.int64)
+        encoding = self._hf.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False)
+        return np.asarray(encoding.ids, np.int64)
 
     def decode(self, ids) -> str:
         """Text of token ids; EOS becomes a newline, invalid UTF-8 the replacement character."""
-        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        ids_N = np.asarray(ids, np.int64).reshape(-1)
         if self._hf is None:
-            return b"".join(b"\n" if i == self.eos_id else bytes([i]) for i in ids).decode("utf-8", errors="replace")
-        pieces, run = [], []
-        for i in ids + [self.eos_id]:
-            if i == self.eos_id:
-                pieces.append(self._hf.decode(run))
-                run = []
-            else:
-                run.append(i)
-        return "\n".join(pieces)
+            return np.where(ids_N == self.eos_id, 10, ids_N).astype(np.uint8).tobytes().decode("utf-8", "replace")
+        runs = np.split(ids_N, np.flatnonzero(ids_N == self.eos_id))  # every run but the first starts with EOS
+        return "\n".join(self._hf.decode(run[run != self.eos_id].tolist()) for run in runs)
 
 
 def load_tokenizer(kind: str) -> Tokenizer:
-    """'bytes', or the path of a local tokenizer.json (needs the optional `tokenizers` package)."""
+    """'bytes', or the path of a local tokenizer.json (needs the optional `tokenizers` package; never downloads)."""
     if kind == "bytes":
         return Tokenizer("bytes", 257, 256)
-    path = Path(kind)
+    path = Path(kind).expanduser()
     if not path.is_file():
         raise MesaError(f"data.tokenizer: no tokenizer file at {path}")
     try:
@@ -74,8 +70,8 @@ def load_tokenizer(kind: str) -> Tokenizer:
                         "(pip install tokenizers), or use tokenizer: bytes") from None
     try:
         hf = HFTokenizer.from_file(str(path))
-    except Exception as err:  # noqa: BLE001 - any parse failure is a bad file
-        raise MesaError(f"data.tokenizer: cannot read {path}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - any read or parse failure is a bad file
+        raise MesaError(f"data.tokenizer: cannot read {path}: {' '.join(str(err).split())[:200]}") from None
     vocab = hf.get_vocab_size(with_added_tokens=True)
     for name in ("<|endoftext|>", "</s>", EOS_NAME):
         eos = hf.token_to_id(name)
@@ -92,13 +88,18 @@ def source_files(path: str | None) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
+        def unreadable(err: OSError):
+            raise MesaError(f"cannot read corpus directory {err.filename}: {err.strerror or err}")
+
         files = []
-        for root, dirs, names in os.walk(p):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for root, dirs, names in os.walk(p, onerror=unreadable):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
             files += [Path(root) / n for n in names if not n.startswith(".") and (Path(root) / n).is_file()]
         if not files:
-            raise MesaError(f"data.path: directory {p} has no files")
+            raise MesaError(f"data.path: directory {p} has no (non-hidden) files")
         return sorted(files)
+    if p.exists():
+        raise MesaError(f"data.path: {path} is neither a regular file nor a directory")
     if glob.has_magic(str(p)):
         files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
         if not files:
@@ -118,17 +119,29 @@ def _read_pieces(path: Path) -> Iterator[bytes]:
         raise MesaError(f"cannot read corpus file {path}: {err.strerror or err}") from None
 
 
+def _text_pieces(path: Path) -> Iterator[bytes]:
+    """Pieces cut just after a newline, for tokenizers whose merges must not be split mid-line (a piece only
+    grows past PIECE_BYTES when a line does)."""
+    carry: list[bytes] = []
+    for piece in _read_pieces(path):
+        cut = piece.rfind(b"\n") + 1
+        if cut == 0:
+            carry.append(piece)
+            continue
+        yield b"".join([*carry, piece[:cut]])
+        carry = [piece[cut:]]
+    if tail := b"".join(carry):
+        yield tail
+
+
 def _token_stream(files: list[Path], tokenizer: Tokenizer) -> Iterator[np.ndarray]:
-    """Token ids of all documents in order, with one EOS between two documents.  (A non-byte tokenizer
-    sees each document whole: pieces would split its merges.)"""
+    """Token ids (int64) of all documents in order, with one EOS between two documents."""
+    pieces = _read_pieces if tokenizer.kind == "bytes" else _text_pieces
     for index, path in enumerate(files):
         if index:
             yield np.array([tokenizer.eos_id], np.int64)
-        if tokenizer.kind == "bytes":
-            for piece in _read_pieces(path):
-                yield tokenizer.encode(piece)
-        else:
-            yield tokenizer.encode(b"".join(_read_pieces(path)))
+        for piece in pieces(path):
+            yield tokenizer.encode(piece)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -139,35 +152,51 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def val_blocks(block_ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
-    """True for the validation blocks: splitmix64(splitmix64(seed) + i) / 2^64 < fraction."""
+    """True for the validation blocks: splitmix64(splitmix64(seed) + i) / 2^64 < fraction (top 53 bits)."""
     with np.errstate(over="ignore"):
         base = _splitmix64(np.array([seed & (2**64 - 1)], np.uint64))[0]
-        h = _splitmix64(block_ids.astype(np.uint64) + base)
+        h = _splitmix64(np.asarray(block_ids).astype(np.uint64) + base)
     return (h >> np.uint64(11)).astype(np.float64) / float(2**53) < fraction
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenData:
-    train: np.ndarray  # 1-D memmap of token ids
+    train: np.ndarray  # 1-D memmap of token ids (uint16, or uint32 for vocabularies over 65536)
     val: np.ndarray
     tokenizer: Tokenizer
-    meta: dict
+    meta: dict  # fingerprint (files with size and mtime, tokenizer, split settings), train_tokens, val_tokens
+
+
+def _stat(path: Path) -> dict:
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise MesaError(f"cannot read corpus file {path}: {err.strerror or err}") from None
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _fingerprint(spec: DataSpec, files: list[Path], tokenizer: Tokenizer) -> dict:
-    stats = []
-    for f in files:
-        try:
-            st = f.stat()
-        except OSError as err:
-            raise MesaError(f"cannot read corpus file {f}: {err.strerror or err}") from None
-        stats.append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return {"format": FORMAT_VERSION, "files": stats, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-            "val_fraction": spec.val_fraction, "split_block": spec.split_block, "split_seed": spec.split_seed}
+    """Everything the cached tokens depend on; a cache is reused only while this is unchanged."""
+    return {"format": FORMAT_VERSION, "files": [_stat(f) for f in files], "tokenizer": tokenizer.kind,
+            "tokenizer_file": None if tokenizer.kind == "bytes" else _stat(Path(tokenizer.kind)),
+            "vocab_size": tokenizer.vocab_size, "val_fraction": spec.val_fraction, "split_block": spec.split_block,
+            "split_seed": spec.split_seed}
 
 
 def _dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def _cached(cache_dir: Path, fingerprint: dict) -> dict | None:
+    """The meta.json of a complete cache for ``fingerprint`` (both .bin files of the recorded size), else None."""
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        itemsize = np.dtype(_dtype(fingerprint["vocab_size"])).itemsize
+        complete = all((cache_dir / f"{name}.bin").stat().st_size == meta[f"{name}_tokens"] * itemsize
+                       for name in SPLITS)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if complete and meta.get("fingerprint") == fingerprint else None
 
 
 def _open(cache_dir: Path, meta: dict, tokenizer: Tokenizer) -> TokenData:
@@ -180,6 +209,11 @@ def _open(cache_dir: Path, meta: dict, tokenizer: Tokenizer) -> TokenData:
     return TokenData(load("train"), load("val"), tokenizer, meta)
 
 
+def _tmp(path: Path) -> Path:
+    """A temporary name next to ``path``, private to this process."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def prepare_corpus(spec: DataSpec, cache_dir: Path, progress: Callable[[str], None] | None = None) -> TokenData:
     """Tokenise and split the corpus into cache_dir/{train,val}.bin (reused while the files, tokenizer and
     split settings are unchanged; written under temporary names, meta.json last, so a half-written cache
@@ -189,74 +223,76 @@ def prepare_corpus(spec: DataSpec, cache_dir: Path, progress: Callable[[str], No
     fingerprint = _fingerprint(spec, files, tokenizer)
     cache_dir = Path(cache_dir)
     meta_path = cache_dir / "meta.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            meta = {}
-        if meta.get("fingerprint") == fingerprint:
-            return _open(cache_dir, meta, tokenizer)
+    if (meta := _cached(cache_dir, fingerprint)) is not None:
+        return _open(cache_dir, meta, tokenizer)
+    if all(f["size"] == 0 for f in fingerprint["files"]):
+        raise MesaError(f"the corpus is empty: {', '.join(str(f) for f in files[:3])} hold no text")
     if progress:
-        megabytes = sum(s["size"] for s in fingerprint["files"]) / 1e6
+        megabytes = sum(f["size"] for f in fingerprint["files"]) / 1e6
         what = "the embedded corpus" if files == [EMBEDDED_CORPUS] else (
             f"{len(files)} file{'s' if len(files) > 1 else ''} ({megabytes:.1f} MB)")
         progress(f"tokenising {what} into {cache_dir}")
+    tmp = {name: _tmp(cache_dir / f"{name}.bin") for name in SPLITS}
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        meta_path.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)  # from here on the old cache is invalid, whatever happens
         counts = _write_split(files, tokenizer, spec, cache_dir, _dtype(tokenizer.vocab_size))
+        if counts["train"] + counts["val"] == 0:
+            raise MesaError(f"the corpus is empty: {', '.join(str(f) for f in files[:3])} hold no tokens")
+        if counts["train"] == 0:
+            raise MesaError(f"the corpus is too small to split: {counts['val']} tokens fill only one block of "
+                            f"data.split_block {spec.split_block}; use a smaller data.split_block or more text")
+        for name in SPLITS:
+            tmp[name].replace(cache_dir / f"{name}.bin")
+        meta = {"fingerprint": fingerprint, "train_tokens": counts["train"], "val_tokens": counts["val"]}
+        tmp_meta = _tmp(meta_path)
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        tmp_meta.replace(meta_path)
     except OSError as err:
         raise MesaError(f"cannot write the token cache in {cache_dir}: {err.strerror or err}") from None
-    if counts["train"] + counts["val"] == 0:
-        raise MesaError(f"the corpus is empty: {', '.join(str(f) for f in files[:3])} hold no text")
-    if counts["train"] == 0:
-        raise MesaError(f"the corpus is too small to split: {counts['val']} tokens in one block of data.split_block "
-                        f"{spec.split_block}; use a smaller data.split_block")
-    meta = {"fingerprint": fingerprint, "train_tokens": counts["train"], "val_tokens": counts["val"]}
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(meta_path)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
     return _open(cache_dir, meta, tokenizer)
 
 
-def _write_split(files, tokenizer, spec: DataSpec, cache_dir: Path, dtype) -> dict:
-    """Stream the tokens into train.bin / val.bin block by block; returns the token counts.  One block is held
-    back until the next exists, so the last block can go to validation when no other block did."""
-    tmp = {name: cache_dir / f"{name}.bin.tmp" for name in ("train", "val")}
+def _write_split(files: list[Path], tokenizer: Tokenizer, spec: DataSpec, cache_dir: Path, dtype) -> dict:
+    """Stream the tokens into the temporary train/val files, whole blocks at a time, in stream order; returns the
+    token counts.  The last block is held back until the stream ends, so that it can go to validation when no
+    other block did."""
+    block = spec.split_block
     counts, index = {"train": 0, "val": 0}, 0
-    with open(tmp["train"], "wb") as out_train, open(tmp["val"], "wb") as out_val:
-        outs = {"train": out_train, "val": out_val}
+    with open(_tmp(cache_dir / "train.bin"), "wb") as out_train, open(_tmp(cache_dir / "val.bin"), "wb") as out_val:
 
-        def emit(block: np.ndarray, last: bool) -> None:
+        def emit(tokens: np.ndarray, to_val_K: np.ndarray) -> None:
+            """Write len(to_val_K) consecutive blocks (the last may be short) to their splits."""
             nonlocal index
-            is_val = bool(val_blocks(np.array([index]), spec.split_seed, spec.val_fraction)[0])
-            name = "val" if is_val or (last and counts["val"] == 0) else "train"
-            outs[name].write(block.astype(dtype).tobytes())
-            counts[name] += len(block)
-            index += 1
+            to_val_N = np.repeat(to_val_K, block)[: len(tokens)]
+            val, train = tokens[to_val_N], tokens[~to_val_N]
+            out_val.write(val.tobytes())
+            out_train.write(train.tobytes())
+            counts["val"] += len(val)
+            counts["train"] += len(train)
+            index += len(to_val_K)
 
-        pending, held = np.zeros(0, np.int64), None
+        pending = np.zeros(0, dtype)
         for ids in _token_stream(files, tokenizer):
-            pending = np.concatenate([pending, ids])
-            while len(pending) >= spec.split_block:
-                if held is not None:
-                    emit(held, last=False)
-                held, pending = pending[: spec.split_block], pending[spec.split_block:]
+            pending = np.concatenate([pending, ids.astype(dtype)])
+            whole = (len(pending) - 1) // block  # blocks that are surely not the last one
+            if whole > 0:
+                emit(pending[: whole * block], val_blocks(np.arange(index, index + whole), spec.split_seed,
+                                                          spec.val_fraction))
+                pending = pending[whole * block:]
         if len(pending):
-            if held is not None:
-                emit(held, last=False)
-            held = pending
-        if held is not None:
-            emit(held, last=True)
-    for name, path in tmp.items():
-        path.replace(cache_dir / f"{name}.bin")
+            last_to_val = val_blocks(np.array([index]), spec.split_seed, spec.val_fraction) | (counts["val"] == 0)
+            emit(pending, last_to_val)
     return counts
 
 
 def check_context(data: TokenData, context: int) -> None:
     """Both splits must hold at least one window of context + 1 tokens."""
     need = context + 1
-    for name in ("train", "val"):
+    for name in SPLITS:
         have = len(getattr(data, name))
         if have < need:
             raise MesaError(f"model.context {context} needs {need} tokens per window but the {name} split has only "
@@ -271,8 +307,10 @@ def sample_windows(tokens: np.ndarray, length: int, batch: int, rng: np.random.G
 
 
 def eval_windows(tokens: np.ndarray, length: int, count: int) -> np.ndarray:
-    """[count', length] int32 windows at evenly spaced starts over the split (deterministic);
-    count' = min(count, number of possible starts)."""
+    """[count', length] int32 windows at evenly spaced starts from the first to the last possible one
+    (deterministic; disjoint whenever count * length <= len(tokens)); count' = min(count, possible starts)."""
     last = len(tokens) - length
+    if last < 0 or count <= 0:
+        return np.zeros((0, length), np.int32)
     starts = np.unique(np.linspace(0, last, num=min(count, last + 1)).round().astype(np.int64))
     return np.stack([np.asarray(tokens[s:s + length]) for s in starts]).astype(np.int32)
