@@ -21,7 +21,8 @@ from mesacli.spec import Spec
 Params = dict[str, Any]
 
 
-def _normal(key, shape, std):
+def normal_init(key, shape, std):
+    """std * N(0, 1) weights of the given shape (float32)."""
     return std * jax.random.normal(key, shape, dtype=jnp.float32)
 
 
@@ -31,10 +32,10 @@ def _init_block(key, spec: Spec, kind: str) -> Params:
     e_qk = 2 * e if kind == "softmax_pe" else e
     keys = jax.random.split(key, 6)
     block: Params = {
-        "w_q": _normal(keys[0], (e_qk, h, d), m.init_std),
-        "w_k": _normal(keys[1], (e_qk, h, d), m.init_std),
-        "w_v": _normal(keys[2], (e, h, d), m.init_std),
-        "w_o": _normal(keys[3], (h, d, e), m.init_std),
+        "w_q": normal_init(keys[0], (e_qk, h, d), m.init_std),
+        "w_k": normal_init(keys[1], (e_qk, h, d), m.init_std),
+        "w_v": normal_init(keys[2], (e, h, d), m.init_std),
+        "w_o": normal_init(keys[3], (h, d, e), m.init_std),
     }
     if kind == "mesa":
         block["lam"] = jnp.full((h,), m.mesa_lambda_init, dtype=jnp.float32)
@@ -44,8 +45,8 @@ def _init_block(key, spec: Spec, kind: str) -> Params:
     if m.layer_norm:
         block["ln_attn"] = {"scale": jnp.ones((e,)), "bias": jnp.zeros((e,))}
     if m.mlp:
-        block["mlp_in"] = _normal(keys[4], (e, m.mlp_hidden), m.init_std)
-        block["mlp_out"] = _normal(keys[5], (m.mlp_hidden, e), m.init_std)
+        block["mlp_in"] = normal_init(keys[4], (e, m.mlp_hidden), m.init_std)
+        block["mlp_out"] = normal_init(keys[5], (m.mlp_hidden, e), m.init_std)
         if m.layer_norm:
             block["ln_mlp"] = {"scale": jnp.ones((e,)), "bias": jnp.zeros((e,))}
     return block
@@ -59,19 +60,19 @@ def init(key: jax.Array, spec: Spec) -> Params:
     block_keys = jax.random.split(key_blocks, len(kinds))
     params: Params = {"blocks": [_init_block(k, spec, kind) for k, kind in zip(block_keys, kinds, strict=False)]}
     if m.input_proj:
-        params["input_proj"] = _normal(key_in, (spec.token_dim, m.embed_dim), m.init_std)
+        params["input_proj"] = normal_init(key_in, (spec.token_dim, m.embed_dim), m.init_std)
     if m.output_proj:
-        params["output_proj"] = _normal(key_out, (m.embed_dim, spec.task.obs_dim), m.init_std)
+        params["output_proj"] = normal_init(key_out, (m.embed_dim, spec.task.obs_dim), m.init_std)
     return params
 
 
-def layer_norm(x, p):
+def layer_norm(x, p, eps: float = 1e-6):
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.var(x, axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + 1e-6) * p["scale"] + p["bias"]
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
 
 
-def _l2_normalise(x, eps=1e-6):
+def l2_normalise(x, eps=1e-6):
     return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + eps)
 
 
@@ -103,7 +104,7 @@ def attention_block(block: Params, x_BTE: jax.Array, spec: Spec, kind: str, qk_n
     k = jnp.einsum("bte,ehd->bthd", qk_in, block["w_k"])
     v = jnp.einsum("bte,ehd->bthd", x_BTE, block["w_v"])
     if qk_norm:
-        q, k = _l2_normalise(q), _l2_normalise(k)
+        q, k = l2_normalise(q), l2_normalise(k)
     if kind in ("softmax", "softmax_pe"):
         out, weights = softmax_attention(q, k, v)
     elif kind == "linear":

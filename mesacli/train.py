@@ -250,8 +250,8 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(k + "\n" for k in keep))
 
 
-def restore_state(spec: Spec, ckpts: Checkpoints, template: dict, step: int | None = None) -> dict:
-    """Restore a train state, refusing a checkpoint written for a different spec."""
+def restore_state(spec: Any, ckpts: Checkpoints, template: dict, step: int | None = None) -> dict:
+    """Restore a train state, refusing a checkpoint written for a different spec (any spec dataclass)."""
     meta = ckpts.restore_meta(step)
     if meta.get("spec") != spec_to_dict(spec):
         raise MesaError(f"checkpoint in {ckpts.directory} was written for a different spec")

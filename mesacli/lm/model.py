@@ -16,6 +16,7 @@ Shapes: B batch, T time, E embedding, H heads, D key size, F feature size (D or 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -24,22 +25,17 @@ import jax.numpy as jnp
 from mesacli.layers import linear_attention_chunked, sinusoidal_encoding, softmax_attention
 from mesacli.lm.spec import LMSpec
 from mesacli.mesa import MesaState, mesa_chunked, mesa_decode_step, mesa_initial_state
+from mesacli.model import count_params, l2_normalise, normal_init  # noqa: F401 (count_params: part of this API)
+from mesacli.model import layer_norm as _layer_norm
 
 Params = dict[str, Any]
-
-
-def _normal(key, shape, std):
-    return std * jax.random.normal(key, shape, dtype=jnp.float32)
 
 
 def _layer_norm_params(e: int) -> Params:
     return {"scale": jnp.ones((e,)), "bias": jnp.zeros((e,))}
 
 
-def layer_norm(x, p):
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.var(x, axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
+layer_norm = functools.partial(_layer_norm, eps=1e-5)  # GPT-2's LayerNorm epsilon
 
 
 def feature_size(spec: LMSpec, kind: str) -> int:
@@ -57,18 +53,18 @@ def init(key: jax.Array, spec: LMSpec, vocab_size: int) -> Params:
     blocks = []
     for kind, k in zip(m.layers, jax.random.split(key_blocks, n), strict=True):
         ks = jax.random.split(k, 6)
-        block: Params = {"ln_attn": _layer_norm_params(e), "w_q": _normal(ks[0], (e, h, d), std),
-                         "w_k": _normal(ks[1], (e, h, d), std), "w_v": _normal(ks[2], (e, h, d), std),
-                         "w_o": _normal(ks[3], (h, d, e), res_std)}
+        block: Params = {"ln_attn": _layer_norm_params(e), "w_q": normal_init(ks[0], (e, h, d), std),
+                         "w_k": normal_init(ks[1], (e, h, d), std), "w_v": normal_init(ks[2], (e, h, d), std),
+                         "w_o": normal_init(ks[3], (h, d, e), res_std)}
         if kind == "mesa":
             block["log_lam"] = jnp.full((h,), jnp.log(m.mesa_lambda_init), jnp.float32)
         if m.mlp:
             hidden = m.mlp_ratio * e
-            block.update(ln_mlp=_layer_norm_params(e), w_1=_normal(ks[4], (e, hidden), std),
-                         b_1=jnp.zeros((hidden,)), w_2=_normal(ks[5], (hidden, e), res_std), b_2=jnp.zeros((e,)))
+            block.update(ln_mlp=_layer_norm_params(e), w_1=normal_init(ks[4], (e, hidden), std),
+                         b_1=jnp.zeros((hidden,)), w_2=normal_init(ks[5], (hidden, e), res_std), b_2=jnp.zeros((e,)))
         blocks.append(block)
-    return {"embed": _normal(key_embed, (vocab_size, e), std), "blocks": blocks, "ln_f": _layer_norm_params(e),
-            "w_out": _normal(key_out, (e, vocab_size), std), "b_out": jnp.zeros((vocab_size,))}
+    return {"embed": normal_init(key_embed, (vocab_size, e), std), "blocks": blocks, "ln_f": _layer_norm_params(e),
+            "w_out": normal_init(key_out, (e, vocab_size), std), "b_out": jnp.zeros((vocab_size,))}
 
 
 def dpfp(x_XD, nu: int):
@@ -77,15 +73,11 @@ def dpfp(x_XD, nu: int):
     return jnp.concatenate([r * jnp.roll(r, i, axis=-1) for i in range(1, nu + 1)], axis=-1)
 
 
-def _l2_normalise(x, eps=1e-6):
-    return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + eps)
-
-
 def _features(x_XD, spec: LMSpec, kind: str):
     """Keys/queries of the non-softmax kinds: DPFP features (dpfp, mesa with nu > 0), then L2 norm."""
     if kind in ("dpfp", "mesa") and spec.model.dpfp_nu > 0:
         x_XD = dpfp(x_XD, spec.model.dpfp_nu)
-    return _l2_normalise(x_XD)
+    return l2_normalise(x_XD)
 
 
 def _shift_right(x_BTE):
@@ -135,10 +127,6 @@ def apply(params: Params, tokens_BT: jax.Array, spec: LMSpec, dropout_key: jax.A
         residuals.append(x)
     logits = layer_norm(x, params["ln_f"]) @ params["w_out"] + params["b_out"]
     return logits, {"residual_LBTE": jnp.stack(residuals)}
-
-
-def count_params(params: Params) -> int:
-    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
 
 
 # ----------------------------------------------------------------------------- recurrent decoding

@@ -38,6 +38,7 @@ from mesacli.train import (
     check_batch_divides,
     make_mesh,
     prepare_run_dir,
+    restore_state,
     run_steps,
 )
 
@@ -149,13 +150,6 @@ def corpus_for(spec: LMSpec, run_dir: Path, progress: Callable[[str], None] | No
     return data
 
 
-def _restore(spec: LMSpec, ckpts: Checkpoints, template: dict, step: int | None = None) -> dict:
-    meta = ckpts.restore_meta(step)
-    if meta.get("spec") != spec_to_dict(spec):
-        raise MesaError(f"checkpoint in {ckpts.directory} was written for a different spec")
-    return ckpts.restore(template, step)[0]
-
-
 def load_lm(run_dir: str | Path, step: int | None = None) -> tuple[LMSpec, Any, int, lm_data.Tokenizer]:
     """(spec, params, step, tokenizer) of a language-model run directory's latest (or given) checkpoint."""
     run_dir = Path(run_dir)
@@ -168,7 +162,7 @@ def load_lm(run_dir: str | Path, step: int | None = None) -> tuple[LMSpec, Any, 
         raise MesaError(f"no checkpoint found in {ckpt_dir}")
     ckpts = Checkpoints(ckpt_dir, keep=spec.train.keep_checkpoints, read_only=True)
     try:
-        state = _restore(spec, ckpts, init_state(spec, tokenizer.vocab_size, make_mesh()), step)
+        state = restore_state(spec, ckpts, init_state(spec, tokenizer.vocab_size, make_mesh()), step)
     finally:
         ckpts.close()
     return spec, state["params"], int(state["step"]), tokenizer
@@ -208,7 +202,7 @@ def train_lm(spec: LMSpec, run_dir: str | Path, *, progress: bool = True, stop_a
     state = init_state(spec, corpus.tokenizer.vocab_size, mesh)
     resumed_from = ckpts.latest_step()
     if resumed_from is not None:
-        state = _restore(spec, ckpts, state)
+        state = restore_state(spec, ckpts, state)
     start = int(state["step"])
     _truncate_metrics(run_dir / METRICS_FILE, start)
     meta = {"spec": spec_to_dict(spec), "mesacli": "0.1.0", "vocab_size": corpus.tokenizer.vocab_size}
