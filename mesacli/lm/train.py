@@ -207,7 +207,14 @@ def train_lm(spec: LMSpec, run_dir: str | Path, *, progress: bool = True, stop_a
     _truncate_metrics(run_dir / METRICS_FILE, start)
     meta = {"spec": spec_to_dict(spec), "mesacli": "0.1.0", "vocab_size": corpus.tokenizer.vocab_size}
     train_step = make_train_step(spec, mesh)
-    evaluate = make_evaluator(spec, corpus.val)
+    evaluate, last = make_evaluator(spec, corpus.val), {}
+
+    def evaluated(state, step: int) -> Evaluation:
+        """The evaluation at ``step``, computed once (the loop's last one is also the final result)."""
+        if last.get("step") != step:
+            last.update(step=step, evaluation=evaluate(state["params"]))
+        return last["evaluation"]
+
     log = _MetricLog(run_dir / METRICS_FILE, spec.train.log_every, [spec.train.seed])
     end = spec.train.steps if stop_at_step is None else min(stop_at_step, spec.train.steps)
     t0, length = time.time(), spec.model.context + 1
@@ -229,11 +236,11 @@ def train_lm(spec: LMSpec, run_dir: str | Path, *, progress: bool = True, stop_a
         state, step, interrupted = run_steps(
             state, start, end, spec.train.steps, step_fn=step_fn, log=log, save=save, ckpts=ckpts, run_dir=run_dir,
             every=(spec.train.log_every, spec.train.eval_every, spec.train.checkpoint_every),
-            eval_record=lambda state, step: {"step": step, **evaluate(state["params"]).record()},
+            eval_record=lambda state, step: {"step": step, **evaluated(state, step).record()},
             on_flush=lambda step, loss: bar.update(task_id, completed=step, loss=f"{loss:.4f}"))
     ckpts.close()
     seconds = time.time() - t0
-    final = evaluate(state["params"])
+    final = evaluated(state, int(state["step"]))
     final_step = int(state["step"])
     num_params = model.count_params(state["params"])
     tokens_seen = final_step * spec.train.batch_size * spec.model.context
