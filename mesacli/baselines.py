@@ -60,6 +60,16 @@ def per_position_loss(pred_BTS: np.ndarray, targets_BTS: np.ndarray) -> np.ndarr
     return 0.5 * np.mean(np.sum(diff**2, axis=-1), axis=0)
 
 
+def gd1_search_eta(spec: Spec) -> float:
+    """GD-1's eta line-searched on batches separate from the test batches (keys from eval_seed + 1)."""
+    from mesacli.train import eval_batches
+
+    search_spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, eval_seed=spec.train.eval_seed + 1))
+    search = eval_batches(search_spec)
+    return gd1_line_search(np.concatenate([np.asarray(b.obs_BTS) for b in search]),
+                           np.concatenate([np.asarray(b.targets_BTS) for b in search]))
+
+
 def baseline_curves(spec: Spec, lam: float = 1e-3) -> tuple[dict[str, np.ndarray], float]:
     """Per-position test loss of GD-1 and ridge LSQ on the spec's fixed test batches.
 
@@ -68,10 +78,7 @@ def baseline_curves(spec: Spec, lam: float = 1e-3) -> tuple[dict[str, np.ndarray
     """
     from mesacli.train import eval_batches
 
-    search_spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, eval_seed=spec.train.eval_seed + 1))
-    search = eval_batches(search_spec)
-    eta = gd1_line_search(np.concatenate([np.asarray(b.obs_BTS) for b in search]),
-                          np.concatenate([np.asarray(b.targets_BTS) for b in search]))
+    eta = gd1_search_eta(spec)
     test = eval_batches(spec)
     gd, ridge = [], []
     for b in test:

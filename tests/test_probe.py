@@ -181,6 +181,26 @@ def test_eta_eff_of_hand_built_prop1_weights_and_gd1_equivalence():
     assert cos["current_token"][1:].min() > 1 - 1e-5 and cos["context"][1:].min() > 1 - 1e-5
 
 
+def test_prop2_prediction_cosines_single_out_the_solver_a_model_implements():
+    """A hand-built Prop-1 model is GD-1: cosine 1 against GD-1's predictions on the test batches, clearly below 1
+    against exact ridge LSQ; the cosine of a solver with itself is 1 (t >= 2; every solver predicts 0 at t = 1)."""
+    spec = spec_from_dict({**TINY_LSA1, "model": {**TINY_LSA1["model"], "key_size": 4}})
+    model_preds = solvers.model_predictions(prop1_weights(spec), spec)
+    batches = common.test_batches(spec)
+    assert len(model_preds) == spec.train.eval_batches and model_preds[0].shape == (16, 8, 4)
+    gd = [baselines.gd1_predictions(np.asarray(b.obs_BTS), 0.7) for b in batches]  # eta does not change a cosine
+    ridge = [baselines.ridge_predictions(np.asarray(b.obs_BTS), 1e-3) for b in batches]
+    cos_gd, cos_ridge = solvers.prediction_cosines(model_preds, gd), solvers.prediction_cosines(model_preds, ridge)
+    assert cos_gd.shape == (8,) and cos_gd[1:].min() > 1 - 1e-5
+    assert cos_ridge[1:].mean() < 0.99
+    np.testing.assert_allclose(solvers.prediction_cosines(ridge, ridge)[1:], 1.0, atol=1e-9)  # t = 1: both 0
+    # the loss curve of the k-step solver from its predictions equals the direct evaluation
+    preds = solvers.solver_predictions(spec, [1.0], [0.0])
+    np.testing.assert_allclose(solvers.solver_curve(spec, [1.0], [0.0]),
+                               np.mean([np.asarray(tasks.per_position_loss(jnp.asarray(p), b.targets_BTS))
+                                        for p, b in zip(preds, batches, strict=True)], axis=0), rtol=1e-5)
+
+
 def test_gd1_with_phi0_zero_is_gd1_and_learning_phi0_helps(probed):
     obs = random_obs(8)[:, :-1]
     np.testing.assert_allclose(np.asarray(prop1.gd1_phi0_predictions(jnp.asarray(obs, jnp.float32), 0.1,
@@ -283,6 +303,9 @@ def test_prop2_on_the_tiny_run(probed):
     floor = losses["exact ridge LSQ (lam=0.001)"]
     assert all(v >= floor - 1e-6 for v in losses.values())
     assert r["k"] == 1 and len(r["learned"]["chebyshev"]["alpha"]) == 1  # k set in FAST (default: layers - 1)
+    cosines = r["prediction_cosine"]
+    assert set(cosines) == set(losses) - {"model (1 layer)"} and r["gd1_eta"] > 0
+    assert all(-1 <= c["mean"] <= 1 and len(c["per_position"]) == 8 for c in cosines.values())
     for history in r["history"].values():  # Adam on the solver's next-token loss makes progress
         assert np.mean([loss for _, loss in history[-2:]]) < history[0][1]
 

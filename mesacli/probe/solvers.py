@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mesacli import baselines, tasks
+from mesacli import baselines, model, tasks
 from mesacli.errors import MesaError
-from mesacli.probe.common import RunContext, context_gram, fit_on_fresh_batches
+from mesacli.probe.common import RunContext, context_gram, cosine, fit_on_fresh_batches, test_batches
 from mesacli.spec import Spec
 
 # The paper's learned 6-step coefficients, fully observed linear task (paper-spec 4.3, [R]).
@@ -90,14 +90,32 @@ def learn_coefficients(spec: Spec, k: int, *, momentum: bool, steps: int, lr: fl
     return [float(a) for a in params["alpha"]], [float(b) for b in betas], history
 
 
+def solver_predictions(spec: Spec, alphas, betas, lam: float = 1e-3) -> list[np.ndarray]:
+    """The k-step solver's predictions on each of the spec's fixed test batches ([B, T, n_s] each)."""
+    fn = jax.jit(lambda obs, a, b: prop2_predictions(obs, a, b, lam))
+    return [np.asarray(fn(b.obs_BTS, jnp.asarray(alphas, jnp.float32), jnp.asarray(betas, jnp.float32)))
+            for b in test_batches(spec)]
+
+
 def solver_curve(spec: Spec, alphas, betas, lam: float = 1e-3) -> np.ndarray:
     """Per-position test loss of the k-step solver on the spec's fixed test batches."""
-    from mesacli.train import eval_batches
+    return _mean_curve(solver_predictions(spec, alphas, betas, lam), test_batches(spec))
 
-    fn = jax.jit(lambda obs, a, b: prop2_predictions(obs, a, b, lam))
-    curves = [np.asarray(tasks.per_position_loss(fn(b.obs_BTS, jnp.asarray(alphas), jnp.asarray(betas)),
-                                                 b.targets_BTS)) for b in eval_batches(spec)]
-    return np.mean(curves, axis=0)
+
+def model_predictions(params, spec: Spec) -> list[np.ndarray]:
+    """The model's predictions f_t on each of the spec's fixed test batches."""
+    fn = jax.jit(lambda p, tokens: model.apply(p, tokens, spec)[0])
+    return [np.asarray(fn(params, b.tokens_BTI)) for b in test_batches(spec)]
+
+
+def prediction_cosines(reference: list[np.ndarray], other: list[np.ndarray]) -> np.ndarray:
+    """Per position t: the mean over test sequences of cos(f_t, g_t) (the batches' lists pair up)."""
+    return np.mean(np.concatenate([cosine(a, b) for a, b in zip(reference, other, strict=True)]), axis=0)
+
+
+def _mean_curve(preds: list[np.ndarray], batches: list[tasks.Batch]) -> np.ndarray:
+    return np.mean([baselines.per_position_loss(p, np.asarray(b.targets_BTS))
+                    for p, b in zip(preds, batches, strict=True)], axis=0)
 
 
 def check_applicable(spec: Spec) -> None:
@@ -130,16 +148,21 @@ def run(ctx: RunContext) -> dict:
                                               log_every=log_every)
     else:  # k = 0: Inv_0(A) = I / ||A||_F has no coefficients (a GD step with a normalised learning rate)
         a_n, b_n, hist_n, a_c, b_c, hist_c = [1.0] * k, [0.0] * k, [], [1.0] * k, [0.0] * k, []
-    curves = {f"model ({layers} layer{'s' if layers > 1 else ''})": model_curve,
-              f"Neumann k={k} (alpha=1)": solver_curve(spec, [1.0] * k, [0.0] * k, lam)}
+    model_name = f"model ({layers} layer{'s' if layers > 1 else ''})"
+    batches = test_batches(spec)
+    obs = [np.asarray(b.obs_BTS) for b in batches]
+    eta = baselines.gd1_search_eta(spec)
+    preds = {f"GD-1 (eta={eta:.4f}, line-searched)": [baselines.gd1_predictions(o, eta) for o in obs],
+             f"Neumann k={k} (alpha=1)": solver_predictions(spec, [1.0] * k, [0.0] * k, lam)}
     if hist_n:
-        curves[f"Neumann k={k} (learned alpha)"] = solver_curve(spec, a_n, b_n, lam)
-        curves[f"Chebyshev k={k} (learned alpha, beta)"] = solver_curve(spec, a_c, b_c, lam)
+        preds[f"Neumann k={k} (learned alpha)"] = solver_predictions(spec, a_n, b_n, lam)
+        preds[f"Chebyshev k={k} (learned alpha, beta)"] = solver_predictions(spec, a_c, b_c, lam)
     if k == 6:
-        curves["Chebyshev k=6 (paper's alpha, beta)"] = solver_curve(spec, *PAPER_CHEBYSHEV_LINEAR, lam)
-    eval_ridge = [baselines.per_position_loss(baselines.ridge_predictions(np.asarray(b.obs_BTS), lam),
-                                              np.asarray(b.targets_BTS)) for b in _eval(spec)]
-    curves[f"exact ridge LSQ (lam={lam:g})"] = np.mean(eval_ridge, axis=0)
+        preds["Chebyshev k=6 (paper's alpha, beta)"] = solver_predictions(spec, *PAPER_CHEBYSHEV_LINEAR, lam)
+    preds[f"exact ridge LSQ (lam={lam:g})"] = [baselines.ridge_predictions(o, lam) for o in obs]
+    model_preds = model_predictions(ctx.params, spec)
+    curves = {model_name: model_curve, **{name: _mean_curve(p, batches) for name, p in preds.items()}}
+    cosines = {name: prediction_cosines(model_preds, p) for name, p in preds.items()}
     figures.loss_curves(curves, ctx.out_dir / "prop2_loss.png",
                         f"{spec.name}: Proposition-2 solvers (k={k} steps) vs the model")
     if hist_n:
@@ -158,16 +181,17 @@ def run(ctx: RunContext) -> dict:
         "history": {"neumann": hist_n, "chebyshev": hist_c},  # [(step, training loss)]
         "seq_avg_loss": {name: float(np.mean(c)) for name, c in curves.items()},
         "per_position_loss": {name: np.asarray(c).tolist() for name, c in curves.items()},
+        "gd1_eta": eta,
+        # cos(model prediction, solver prediction) per position, mean over test sequences; "mean" over t >= 2
+        # (GD-1 predicts 0 at t = 1, since s_0 = 0)
+        "prediction_cosine": {name: {"mean": float(c[1:].mean()), "per_position": c.tolist()}
+                              for name, c in cosines.items()},
         "paper": {"claim": "a k+1-layer LSA model tracks the Proposition-2 solver with k learned Chebyshev steps, "
                            "between GD-1 and exact ridge LSQ (Fig. 4/12); 6-step learned alpha = "
                            f"{list(PAPER_CHEBYSHEV_LINEAR[0])}, beta = {list(PAPER_CHEBYSHEV_LINEAR[1])} "
                            "(20k Adam steps)"},
         "notes": f"coefficients learned for {steps} Adam steps (the paper used 20k); pairs t' <= t ([P]); "
-                 "test losses on the spec's fixed test batches.",
+                 "test losses and prediction cosines on the spec's fixed test batches; GD-1's eta line-searched "
+                 "on separate batches (as mesacli eval).",
     }
 
-
-def _eval(spec: Spec):
-    from mesacli.train import eval_batches
-
-    return eval_batches(spec)

@@ -77,8 +77,12 @@ def _binding(r: dict) -> list[str]:
 
 def _prop2(r: dict) -> list[str]:
     lines = [f"k = {r['k']} solver steps vs the {r['model_layers']}-layer model; coefficients learned for "
-             f"{r['train_steps']} Adam steps (paper: 20k).", "", "| model / solver | seq.-avg test loss |", "|---|---|"]
-    lines += [f"| {name} | {_f(v)} |" for name, v in r["seq_avg_loss"].items()]
+             f"{r['train_steps']} Adam steps (paper: 20k).", "",
+             "| model / solver | seq.-avg test loss | cosine(model, solver predictions), mean over t >= 2 |",
+             "|---|---|---|"]
+    cosines = r.get("prediction_cosine", {})
+    lines += [f"| {name} | {_f(v)} | {_f(cosines[name]['mean'], 3) if name in cosines else '-'} |"
+              for name, v in r["seq_avg_loss"].items()]
     lines += ["", f"Learned Chebyshev alpha = {[round(a, 3) for a in r['learned']['chebyshev']['alpha']]}, "
                   f"beta = {[round(b, 3) for b in r['learned']['chebyshev']['beta']]}.",
               f"Paper: {r['paper']['claim']}.", "", "Figures: prop2_loss.png, prop2_training.png."]
