@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow test-distributed lint format clean bench bench-seeds lm-compare
+.PHONY: install run test test-slow test-distributed lint format clean bench bench-seeds lm-compare paper-probe paper-icl
 
 install: $(STAMP)
 
@@ -35,6 +35,26 @@ bench-seeds: install  ## steps/s of 1 seed vs 8 seeds in one program vs 8 runs (
 lm-compare: install  ## 2-layer language models (softmax then softmax/linear/DPFP/mesa), equal budgets (~20 min CPU)
 	$(VENV)/bin/mesacli lm compare experiments/lm-2l-softmax.yaml experiments/lm-2l-linear.yaml \
 		experiments/lm-2l-dpfp.yaml experiments/lm-2l-mesa.yaml --out-dir runs/lm-compare
+
+# The paper's full-size section-4 and section-5 experiments, end to end (resumable: rerun after an interruption).
+# RUNS sets where the run directories go; TRAIN_ARGS is passed to every `mesacli train` (e.g. --set train.steps=100).
+RUNS ?= runs
+TRAIN_ARGS ?=
+TUNE_STEPS ?= 5000
+
+paper-probe: install  ## LSA-1, LSA-6 (constructed tokens) and Softmax-7, then every probe analysis (2-core CPU: ~2.5 h)
+	for spec in lsa1_constructed lsa6_constructed softmax7_full; do \
+		$(VENV)/bin/mesacli train experiments/$$spec.yaml --run-dir $(RUNS)/$$spec --no-progress $(TRAIN_ARGS) && \
+		$(VENV)/bin/mesacli eval $(RUNS)/$$spec && \
+		$(VENV)/bin/mesacli probe $(RUNS)/$$spec || exit 1; \
+	done
+
+paper-icl: install  ## the T=224 Softmax-7, prompt-tune EOS then prefix, icl-eval plain/EOS/tuned (2-core CPU: ~10 h)
+	$(VENV)/bin/mesacli train experiments/icl_softmax7_t224.yaml --run-dir $(RUNS)/icl_softmax7_t224 --no-progress \
+		$(TRAIN_ARGS)
+	$(VENV)/bin/mesacli prompt-tune $(RUNS)/icl_softmax7_t224 --what both --steps $(TUNE_STEPS) --no-progress
+	$(VENV)/bin/mesacli icl-eval $(RUNS)/icl_softmax7_t224 --prompt plain,eos,tuned
+	$(VENV)/bin/mesacli icl-eval $(RUNS)/icl_softmax7_t224 --prompt plain,eos,tuned --continual
 
 lint: install
 	$(VENV)/bin/ruff check mesacli tests

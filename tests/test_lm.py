@@ -249,7 +249,7 @@ def test_cli_lm_trains_generates_evaluates_and_compares(corpus_file, tmp_path):
     assert result.exit_code == 2 and "different spec" in result.output  # a finished run is never retrained silently
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "too_short"])  # non-UTF-8 bytes: tests/test_lm_corpus.py
+@pytest.mark.parametrize("case", ["missing", "empty", "too_short"])  # non-UTF-8 bytes: tests/test_lm_data.py
 def test_cli_lm_bad_corpora(case, tmp_path):
     corpus = tmp_path / "text.txt"
     if case == "empty":
