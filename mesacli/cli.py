@@ -337,7 +337,8 @@ def probe(
     run_dir: Path = typer.Argument(..., help="A run directory written by `mesacli train`."),
     analyses: List[str] = typer.Option([], "--analysis", "-a", metavar="NAME",
                                        help="Analysis to run (repeatable or comma-separated): prop1, probes, "
-                                            "binding, prop2, compress, linearize. Default: all that apply."),
+                                            "binding, sensitivity, prop2, compress, linearize. "
+                                            "Default: all that apply."),
     step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the latest)."),
     seeds: int = typer.Option(5, help="Data seeds (probe batches) to average over."),
     batch_size: int = typer.Option(256, help="Sequences per probe batch."),

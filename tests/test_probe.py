@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from mesacli import baselines, model, tasks
 from mesacli.cli import app
 from mesacli.errors import MesaError
-from mesacli.probe import common, compress, linearize, linprobe, prop1, run_probe, solvers
+from mesacli.probe import common, compress, linearize, linprobe, prop1, run_probe, sensitivity, solvers
 from mesacli.spec import spec_from_dict
 
 # A tiny constructed-token LSA-1 (n_s = 4, tokens [0, 0, s_t, s_{t-1}] of size 16).
@@ -248,8 +248,8 @@ def test_probe_writes_every_analysis(probed, tiny_run):
     for name in probed.results:
         assert (out / f"{name}.json").exists()
     for png in ("prop1_loss.png", "prop1_cosine.png", "prop1_weights.png", "probes_depth.png",
-                "binding_token_probe.png", "binding_attention.png", "prop2_loss.png", "compress_loss.png",
-                "compress_interpolation.png", "linearize_distillation.png"):
+                "binding_token_probe.png", "binding_attention.png", "sensitivity.png", "prop2_loss.png",
+                "compress_loss.png", "compress_interpolation.png", "linearize_distillation.png"):
         assert (out / png).stat().st_size > 1000, png
     text = (out / "summary.md").read_text()
     assert "Proposition 1" in text and "0.032" in text and "Linear probes" in text
@@ -295,6 +295,43 @@ def test_binding_on_the_tiny_run(probed):
     assert max(r["token_probe_r2"][:-2]) < 0.999
     assert np.asarray(r["attention_map"]).shape == (2, 8, 8)
     assert np.triu(np.asarray(r["attention_map"])[0], k=1).max() == 0  # causal
+
+
+def test_layer1_sensitivity_of_an_identity_layer_and_causality():
+    """Zero attention weights: the layer-1 output is the token itself, so with tokens [0, 0, s_t, s_{t-1}] it moves
+    with s_t and s_{t-1} only, each by ||I||_F = sqrt(n); with raw tokens and an input projection W, by ||W||_F."""
+    spec = spec_from_dict(TINY_LSA1)
+    params = jax.tree_util.tree_map(jnp.zeros_like, model.init(jax.random.PRNGKey(0), spec))
+    obs = tasks.sample_batch(jax.random.PRNGKey(1), spec, 6).obs_BTS
+    at = sensitivity.positions(8)
+    assert at == [2, 4, 8]
+    sens = sensitivity.layer1_sensitivity(params, spec, obs, at)
+    expected = np.zeros((3, 8))
+    for i, t in enumerate(at):
+        expected[i, t - 1] = expected[i, t - 2] = 2.0  # sqrt(n_s = 4)
+    np.testing.assert_allclose(sens, expected, atol=1e-6)
+    raw = spec_from_dict({"task": {"state_dim": 4, "obs_dim": 4, "seq_len": 8, "token_format": "raw"},
+                          "model": {"layers": 2, "attention": "softmax", "first_layer": "softmax_pe", "num_heads": 2,
+                                    "key_size": 4, "embed_dim": 8, "input_proj": True, "output_proj": True,
+                                    "init_std": 0.5}})
+    params = model.init(jax.random.PRNGKey(2), raw)
+    sens = sensitivity.layer1_sensitivity(params, raw, tasks.sample_batch(jax.random.PRNGKey(3), raw, 6).obs_BTS, at)
+    for i, t in enumerate(at):
+        assert np.all(sens[i, t:] == 0) and sens[i, :t].min() > 0  # causal; softmax attention mixes every t' <= t
+    zero_attn = jax.tree_util.tree_map(jnp.zeros_like, params)
+    zero_attn["input_proj"] = params["input_proj"]
+    sens = sensitivity.layer1_sensitivity(zero_attn, raw, obs, at)
+    norm = float(np.linalg.norm(np.asarray(params["input_proj"])))
+    np.testing.assert_allclose(sens[np.arange(3), np.asarray(at) - 1], norm, rtol=1e-5)
+    assert np.abs(sens).sum() == pytest.approx(3 * norm, rel=1e-5)
+
+
+def test_sensitivity_on_the_tiny_run_reads_every_kept_checkpoint(probed):
+    r = probed.results["sensitivity"]
+    assert r["checkpoints"] == [10, 20] and r["positions"] == [2, 4, 8]  # checkpoint_every 10, 20 steps
+    sens = np.asarray(r["sensitivity"])
+    assert sens.shape == (2, 3, 8) and np.all(sens[:, 0, 2:] == 0) and np.all(sens[:, 1, 4:] == 0)
+    assert r["final"]["8"]["s_t"] == pytest.approx(sens[-1, 2, 7]) and r["final"]["8"]["s_t"] > 0
 
 
 def test_prop2_on_the_tiny_run(probed):

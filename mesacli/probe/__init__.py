@@ -23,6 +23,8 @@ ANALYSES: dict[str, tuple[str, str]] = {
     "prop1": ("mesacli.probe.prop1", "Prop. 1: 1-layer LSA vs one step of mesa-GD (GD-1), eta_eff from the weights"),
     "probes": ("mesacli.probe.linprobe", "linear probes per layer/position: s_{t+1}, s_t, preconditioned s_t"),
     "binding": ("mesacli.probe.binding", "token binding: layer-1 output probed on s_{t'}, layer-1 attention maps"),
+    "sensitivity": ("mesacli.probe.sensitivity", "token binding over training: ||d layer-1 output_t / d s_{t'}|| "
+                                                 "at every kept checkpoint"),
     "prop2": ("mesacli.probe.solvers", "Prop. 2: Neumann / Chebyshev preconditioned solvers vs the model"),
     "compress": ("mesacli.probe.compress", "CompressedAlg: block-diagonal-mean compression of every head"),
     "linearize": ("mesacli.probe.linearize", "per layer, distil a linear-attention replacement"),

@@ -134,3 +134,22 @@ def steps_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, t
     for name, (x, y) in curves.items():
         ax.plot(x, y, label=name)
     finish(fig, ax, path, xlabel="step", ylabel="loss", title=title, dpi=90)
+
+
+def sensitivity_curves(steps: Sequence[int], positions: Sequence[int], sens_NPT: np.ndarray, path: Path,
+                       title: str) -> None:
+    """One panel per position t: ||d e^(1)_t / d s_t'|| against training step for t' = t, t-1, t-2 and the mean
+    over older tokens."""
+    fig, axes = plt.subplots(1, len(positions), figsize=(4 * len(positions), 3.4), squeeze=False)
+    for ax, (i, t) in zip(axes[0], enumerate(positions), strict=True):
+        for lag in range(min(3, t)):
+            ax.plot(steps, sens_NPT[:, i, t - 1 - lag], "o-", ms=3, label="t' = t" + (f"-{lag}" if lag else ""))
+        if t > 3:
+            ax.plot(steps, sens_NPT[:, i, : t - 3].mean(axis=-1), "o--", ms=3, label="t' <= t-3 (mean)")
+        ax.set_xlabel("training step")
+        ax.set_title(f"t = {t}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel(r"$\|\partial e^{(1)}_t / \partial s_{t'}\|_F$")
+    axes[0, -1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)

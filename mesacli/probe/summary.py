@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mesacli.spec import Spec
 
-ORDER = ("prop1", "probes", "binding", "prop2", "compress", "linearize")
+ORDER = ("prop1", "probes", "binding", "sensitivity", "prop2", "compress", "linearize")
 
 
 def _f(x, digits: int = 4) -> str:
@@ -103,6 +103,15 @@ def _compress(r: dict) -> list[str]:
     return lines
 
 
+def _sensitivity(r: dict) -> list[str]:
+    lines = [f"Checkpoints: {', '.join(map(str, r['checkpoints']))} ({r['sequences']} sequences). At the last one:", "",
+             "| t | to s_t | to s_(t-1) | to older tokens (mean) |", "|---|---|---|---|"]
+    lines += [f"| {t} | {_f(v['s_t'], 3)} | {_f(v['s_(t-1)'], 3)} | {_f(v['older_mean'], 3)} |"
+              for t, v in r["final"].items()]
+    lines += ["", f"Paper: {r['paper']['claim']}.", "", "Figure: sensitivity.png."]
+    return lines
+
+
 def _linearize(r: dict) -> list[str]:
     lines = [f"Original test loss {_f(r['original_loss'])}; {r['distil_steps']} distillation steps per layer "
              f"(init {r['init']}).", "", "| layer | kind | distil MSE first -> last | loss with the layer linearized "
@@ -123,10 +132,12 @@ def _generic(r: dict) -> list[str]:
     return lines
 
 
-FORMATTERS = {"prop1": _prop1, "probes": _probes, "binding": _binding, "prop2": _prop2, "compress": _compress,
+FORMATTERS = {"prop1": _prop1, "probes": _probes, "binding": _binding, "sensitivity": _sensitivity,
+              "prop2": _prop2, "compress": _compress,
               "linearize": _linearize}
 TITLES = {"prop1": "Proposition 1: one step of mesa-gradient descent", "probes": "Linear probes across depth",
-          "binding": "Token binding (first layer)", "prop2": "Proposition 2: preconditioned solvers",
+          "binding": "Token binding (first layer)", "sensitivity": "Token binding over training",
+          "prop2": "Proposition 2: preconditioned solvers",
           "compress": "CompressedAlg: block-diagonal-mean compression", "linearize": "Linearization"}
 
 

@@ -1,0 +1,93 @@
+"""Token binding over training (paper-spec 4.5, Fig. 2/3): how the first layer's output depends on past tokens.
+
+For every checkpoint kept in the run, and positions t in {2, T/2, T} (the paper: 2, 25, 50 with T = 50),
+the sensitivity of the layer-1 output (the residual stream after block 1) to each observation,
+
+    sens(t, t') = mean over sequences of || d e^(1)_t / d s_{t'} ||_F,   t' = 1..t,
+
+through the run's own token map (a constructed token holds s_t and s_{t-1}, so both get a direct path).
+The paper records it every 100 steps over 3k training steps: train with ``--set train.checkpoint_every=100
+--set train.keep_checkpoints=31`` to keep that many points; with the defaults only the last few checkpoints
+exist.  Causality makes sens(t, t') = 0 for t' > t (tested).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from mesacli import model, tasks
+from mesacli.probe.common import RunContext, probe_batch
+from mesacli.spec import Spec
+
+SEQUENCES = 64  # sequences per checkpoint (Jacobians are [B, P, E, T, S])
+
+
+def positions(seq_len: int) -> list[int]:
+    """1-based positions t at which the sensitivity is recorded: 2, T/2 and T (paper: 2, 25, 50)."""
+    return sorted({t for t in (2, seq_len // 2, seq_len) if 1 <= t <= seq_len})
+
+
+def layer1_sensitivity(params, spec: Spec, obs_BTS: jax.Array, at: list[int]) -> np.ndarray:
+    """sens [P, T]: mean over sequences of ||d e^(1)_t / d s_{t'}||_F for t in ``at`` (1-based), every t'."""
+    index = np.asarray(at) - 1
+
+    def layer1(obs_TS):
+        _, aux = model.apply(params, tasks.make_tokens(spec.task, obs_TS[None]), spec)
+        return aux["residual_LBTE"][1][0, index]  # [P, E]
+
+    jac_BPETS = jax.jit(jax.vmap(jax.jacrev(layer1)))(obs_BTS)
+    return np.asarray(np.sqrt(np.sum(np.asarray(jac_BPETS, np.float64) ** 2, axis=(2, 4))).mean(axis=0))
+
+
+def checkpoint_params(ctx: RunContext):
+    """[(step, params)] of every checkpoint kept in the run (this replica's, for a multi-seed run)."""
+    from mesacli.checkpoint import Checkpoints
+    from mesacli.train import CHECKPOINT_DIR, load_params, replicas
+
+    ckpts = Checkpoints(ctx.run_dir / CHECKPOINT_DIR, keep=ctx.spec.train.keep_checkpoints, read_only=True)
+    try:
+        steps = [s for s in ckpts.all_steps() if s <= ctx.step]
+    finally:
+        ckpts.close()
+    seed = int(ctx.replica[len("seed"):]) if ctx.replica else ctx.spec.train.seed
+    out = []
+    for step in steps:
+        spec, params, at = load_params(ctx.run_dir, step)
+        out.append((at, dict(replicas(spec, params))[seed]))
+    return out
+
+
+def run(ctx: RunContext) -> dict:
+    from mesacli.probe import figures
+
+    spec = ctx.spec
+    at = positions(spec.task.seq_len)
+    batch = probe_batch(spec, 0, min(SEQUENCES, ctx.batch_size))
+    history = []
+    for step, params in checkpoint_params(ctx):
+        ctx.say(f"sensitivity: checkpoint {step}")
+        history.append((step, layer1_sensitivity(params, spec, batch.obs_BTS, at)))
+    steps = [s for s, _ in history]
+    sens_NPT = np.stack([s for _, s in history])
+    figures.sensitivity_curves(steps, at, sens_NPT, ctx.out_dir / "sensitivity.png",
+                               f"{spec.name}: ||d layer-1 output_t / d s_t'|| over training")
+    last = sens_NPT[-1]
+    return {
+        "analysis": "sensitivity",
+        "step": ctx.step,
+        "checkpoints": steps,
+        "positions": at,
+        "sequences": int(batch.obs_BTS.shape[0]),
+        # sensitivity[checkpoint][position][t' - 1]; zero for t' > t by causality
+        "sensitivity": sens_NPT.tolist(),
+        "final": {str(t): {"s_t": float(last[i, t - 1]), "s_(t-1)": float(last[i, t - 2]) if t > 1 else None,
+                           "older_mean": float(last[i, : t - 2].mean()) if t > 2 else None}
+                  for i, t in enumerate(at)},
+        "paper": {"claim": "over training the first layer's output at t becomes sensitive mainly to s_t and s_(t-1) "
+                           "(and a few more past tokens under partial observation), while older tokens stay small "
+                           "(Fig. 2/3)"},
+        "notes": f"one probe batch of {int(batch.obs_BTS.shape[0])} sequences (data seed 0); one point per kept "
+                 "checkpoint (train with a small train.checkpoint_every and a large train.keep_checkpoints for a "
+                 "curve).",
+    }
