@@ -185,8 +185,8 @@ def test_prop2_prediction_cosines_single_out_the_solver_a_model_implements():
     """A hand-built Prop-1 model is GD-1: cosine 1 against GD-1's predictions on the test batches, clearly below 1
     against exact ridge LSQ; the cosine of a solver with itself is 1 (t >= 2; every solver predicts 0 at t = 1)."""
     spec = spec_from_dict({**TINY_LSA1, "model": {**TINY_LSA1["model"], "key_size": 4}})
-    model_preds = solvers.model_predictions(prop1_weights(spec), spec)
     batches = common.test_batches(spec)
+    model_preds = solvers.model_predictions(prop1_weights(spec), spec, batches)
     assert len(model_preds) == spec.train.eval_batches and model_preds[0].shape == (16, 8, 4)
     gd = [baselines.gd1_predictions(np.asarray(b.obs_BTS), 0.7) for b in batches]  # eta does not change a cosine
     ridge = [baselines.ridge_predictions(np.asarray(b.obs_BTS), 1e-3) for b in batches]
@@ -195,8 +195,8 @@ def test_prop2_prediction_cosines_single_out_the_solver_a_model_implements():
     assert cos_ridge[1:].mean() < 0.99
     np.testing.assert_allclose(solvers.prediction_cosines(ridge, ridge)[1:], 1.0, atol=1e-9)  # t = 1: both 0
     # the loss curve of the k-step solver from its predictions equals the direct evaluation
-    preds = solvers.solver_predictions(spec, [1.0], [0.0])
-    np.testing.assert_allclose(solvers.solver_curve(spec, [1.0], [0.0]),
+    preds = solvers.solver_predictions(batches, [1.0], [0.0])
+    np.testing.assert_allclose(solvers.loss_curve(preds, batches),
                                np.mean([np.asarray(tasks.per_position_loss(jnp.asarray(p), b.targets_BTS))
                                         for p, b in zip(preds, batches, strict=True)], axis=0), rtol=1e-5)
 

@@ -111,7 +111,7 @@ def run_probe(
     per_replica, files, summary_path = {}, [], None
     for replica_seed, replica_params in members:
         ctx = RunContext(run_dir, spec, replica_params, at_step, seeds=seeds, batch_size=batch_size, report=report,
-                         options=dict(options or {}), replica="" if len(members) == 1 else f"seed{replica_seed}")
+                         options=dict(options or {}), replica_seed=None if len(members) == 1 else replica_seed)
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         results = {}
         for name in names:

@@ -35,7 +35,17 @@ class RunContext:
     batch_size: int = 256  # sequences per probe batch (paper: 256)
     report: Callable[[str], None] | None = None  # progress messages
     options: dict = dataclasses.field(default_factory=dict)  # per-analysis settings (see run_probe)
-    replica: str = ""  # "seed<k>" for one replica of a multi-seed run: its outputs go to probe/seed<k>/
+    replica_seed: int | None = None  # the seed of one replica of a multi-seed run (None: a single-seed run)
+
+    @property
+    def replica(self) -> str:
+        """"seed<k>" for one replica of a multi-seed run (its outputs go to probe/seed<k>/), else ""."""
+        return "" if self.replica_seed is None else f"seed{self.replica_seed}"
+
+    @property
+    def seed(self) -> int:
+        """The training seed of the analysed parameters."""
+        return self.spec.train.seed if self.replica_seed is None else self.replica_seed
 
     @property
     def out_dir(self) -> Path:

@@ -13,6 +13,8 @@ exist.  Causality makes sens(t, t') = 0 for t' > t (tested).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -28,16 +30,22 @@ def positions(seq_len: int) -> list[int]:
     return sorted({t for t in (2, seq_len // 2, seq_len) if 1 <= t <= seq_len})
 
 
-def layer1_sensitivity(params, spec: Spec, obs_BTS: jax.Array, at: list[int]) -> np.ndarray:
-    """sens [P, T]: mean over sequences of ||d e^(1)_t / d s_{t'}||_F for t in ``at`` (1-based), every t'."""
+@functools.lru_cache(maxsize=8)
+def _layer1_jacobian(spec: Spec, at: tuple[int, ...]):
+    """jit(params, obs_BTS -> d e^(1)_t / d s_{t'} [B, P, E, T, S]) for the 1-based positions ``at``."""
     index = np.asarray(at) - 1
 
-    def layer1(obs_TS):
+    def layer1(params, obs_TS):
         _, aux = model.apply(params, tasks.make_tokens(spec.task, obs_TS[None]), spec)
         return aux["residual_LBTE"][1][0, index]  # [P, E]
 
-    jac_BPETS = jax.jit(jax.vmap(jax.jacrev(layer1)))(obs_BTS)
-    return np.asarray(np.sqrt(np.sum(np.asarray(jac_BPETS, np.float64) ** 2, axis=(2, 4))).mean(axis=0))
+    return jax.jit(jax.vmap(jax.jacrev(layer1, argnums=1), in_axes=(None, 0)))
+
+
+def layer1_sensitivity(params, spec: Spec, obs_BTS: jax.Array, at: list[int]) -> np.ndarray:
+    """sens [P, T]: mean over sequences of ||d e^(1)_t / d s_{t'}||_F for t in ``at`` (1-based), every t'."""
+    jac_BPETS = np.asarray(_layer1_jacobian(spec, tuple(at))(params, obs_BTS), np.float64)
+    return np.sqrt(np.sum(jac_BPETS**2, axis=(2, 4))).mean(axis=0)
 
 
 def checkpoint_params(ctx: RunContext):
@@ -50,11 +58,10 @@ def checkpoint_params(ctx: RunContext):
         steps = [s for s in ckpts.all_steps() if s <= ctx.step]
     finally:
         ckpts.close()
-    seed = int(ctx.replica[len("seed"):]) if ctx.replica else ctx.spec.train.seed
     out = []
     for step in steps:
         spec, params, at = load_params(ctx.run_dir, step)
-        out.append((at, dict(replicas(spec, params))[seed]))
+        out.append((at, dict(replicas(spec, params))[ctx.seed]))
     return out
 
 

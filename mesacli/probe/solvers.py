@@ -90,22 +90,19 @@ def learn_coefficients(spec: Spec, k: int, *, momentum: bool, steps: int, lr: fl
     return [float(a) for a in params["alpha"]], [float(b) for b in betas], history
 
 
-def solver_predictions(spec: Spec, alphas, betas, lam: float = 1e-3) -> list[np.ndarray]:
-    """The k-step solver's predictions on each of the spec's fixed test batches ([B, T, n_s] each)."""
-    fn = jax.jit(lambda obs, a, b: prop2_predictions(obs, a, b, lam))
-    return [np.asarray(fn(b.obs_BTS, jnp.asarray(alphas, jnp.float32), jnp.asarray(betas, jnp.float32)))
-            for b in test_batches(spec)]
+_prop2_jit = jax.jit(prop2_predictions, static_argnames="lam")
 
 
-def solver_curve(spec: Spec, alphas, betas, lam: float = 1e-3) -> np.ndarray:
-    """Per-position test loss of the k-step solver on the spec's fixed test batches."""
-    return _mean_curve(solver_predictions(spec, alphas, betas, lam), test_batches(spec))
+def solver_predictions(batches: list[tasks.Batch], alphas, betas, lam: float = 1e-3) -> list[np.ndarray]:
+    """The k-step solver's predictions on each batch ([B, T, n_s] each)."""
+    a, b = jnp.asarray(alphas, jnp.float32), jnp.asarray(betas, jnp.float32)
+    return [np.asarray(_prop2_jit(batch.obs_BTS, a, b, lam=lam)) for batch in batches]
 
 
-def model_predictions(params, spec: Spec) -> list[np.ndarray]:
-    """The model's predictions f_t on each of the spec's fixed test batches."""
+def model_predictions(params, spec: Spec, batches: list[tasks.Batch]) -> list[np.ndarray]:
+    """The model's predictions f_t on each batch."""
     fn = jax.jit(lambda p, tokens: model.apply(p, tokens, spec)[0])
-    return [np.asarray(fn(params, b.tokens_BTI)) for b in test_batches(spec)]
+    return [np.asarray(fn(params, b.tokens_BTI)) for b in batches]
 
 
 def prediction_cosines(reference: list[np.ndarray], other: list[np.ndarray]) -> np.ndarray:
@@ -113,7 +110,8 @@ def prediction_cosines(reference: list[np.ndarray], other: list[np.ndarray]) -> 
     return np.mean(np.concatenate([cosine(a, b) for a, b in zip(reference, other, strict=True)]), axis=0)
 
 
-def _mean_curve(preds: list[np.ndarray], batches: list[tasks.Batch]) -> np.ndarray:
+def loss_curve(preds: list[np.ndarray], batches: list[tasks.Batch]) -> np.ndarray:
+    """Per-position loss (paper Eq. 1, float64) of per-batch predictions, averaged over the batches."""
     return np.mean([baselines.per_position_loss(p, np.asarray(b.targets_BTS))
                     for p, b in zip(preds, batches, strict=True)], axis=0)
 
@@ -153,15 +151,15 @@ def run(ctx: RunContext) -> dict:
     obs = [np.asarray(b.obs_BTS) for b in batches]
     eta = baselines.gd1_search_eta(spec)
     preds = {f"GD-1 (eta={eta:.4f}, line-searched)": [baselines.gd1_predictions(o, eta) for o in obs],
-             f"Neumann k={k} (alpha=1)": solver_predictions(spec, [1.0] * k, [0.0] * k, lam)}
+             f"Neumann k={k} (alpha=1)": solver_predictions(batches, [1.0] * k, [0.0] * k, lam)}
     if hist_n:
-        preds[f"Neumann k={k} (learned alpha)"] = solver_predictions(spec, a_n, b_n, lam)
-        preds[f"Chebyshev k={k} (learned alpha, beta)"] = solver_predictions(spec, a_c, b_c, lam)
+        preds[f"Neumann k={k} (learned alpha)"] = solver_predictions(batches, a_n, b_n, lam)
+        preds[f"Chebyshev k={k} (learned alpha, beta)"] = solver_predictions(batches, a_c, b_c, lam)
     if k == 6:
-        preds["Chebyshev k=6 (paper's alpha, beta)"] = solver_predictions(spec, *PAPER_CHEBYSHEV_LINEAR, lam)
+        preds["Chebyshev k=6 (paper's alpha, beta)"] = solver_predictions(batches, *PAPER_CHEBYSHEV_LINEAR, lam)
     preds[f"exact ridge LSQ (lam={lam:g})"] = [baselines.ridge_predictions(o, lam) for o in obs]
-    model_preds = model_predictions(ctx.params, spec)
-    curves = {model_name: model_curve, **{name: _mean_curve(p, batches) for name, p in preds.items()}}
+    model_preds = model_predictions(ctx.params, spec, batches)
+    curves = {model_name: model_curve, **{name: loss_curve(p, batches) for name, p in preds.items()}}
     cosines = {name: prediction_cosines(model_preds, p) for name, p in preds.items()}
     figures.loss_curves(curves, ctx.out_dir / "prop2_loss.png",
                         f"{spec.name}: Proposition-2 solvers (k={k} steps) vs the model")

@@ -132,9 +132,8 @@ def _generic(r: dict) -> list[str]:
     return lines
 
 
-FORMATTERS = {"prop1": _prop1, "probes": _probes, "binding": _binding, "sensitivity": _sensitivity,
-              "prop2": _prop2, "compress": _compress,
-              "linearize": _linearize}
+FORMATTERS = {"prop1": _prop1, "probes": _probes, "binding": _binding, "sensitivity": _sensitivity, "prop2": _prop2,
+              "compress": _compress, "linearize": _linearize}
 TITLES = {"prop1": "Proposition 1: one step of mesa-gradient descent", "probes": "Linear probes across depth",
           "binding": "Token binding (first layer)", "sensitivity": "Token binding over training",
           "prop2": "Proposition 2: preconditioned solvers",
