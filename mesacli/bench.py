@@ -1,4 +1,5 @@
-"""Attention-kernel benchmark: speed and compiled memory of softmax, chunked linear and mesa attention.
+"""Attention-kernel benchmark: speed and compiled memory of softmax (block-causal and dense), chunked linear
+and mesa attention.
 
 Everything runs in one process, and the kernels at one T are timed in interleaved rounds, so that machine
 noise affects every kernel alike and cancels in the ratios.  For each kernel and
@@ -37,7 +38,13 @@ class Kernel(NamedTuple):
 def _softmax(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size):
     from mesacli import layers
 
-    return layers.softmax_attention(q_BTHD, k_BTHD, v_BTHD)[0]
+    return layers.softmax_attention(q_BTHD, k_BTHD, v_BTHD, chunk_size)[0]
+
+
+def _softmax_dense(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size):
+    from mesacli import layers
+
+    return layers.softmax_attention(q_BTHD, k_BTHD, v_BTHD, None)[0]
 
 
 def _linear_chunked(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size):
@@ -63,7 +70,8 @@ def _mesa_chunked(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size):
 
 
 KERNELS: dict[str, Kernel] = {
-    "softmax": Kernel("softmax (quadratic)", _softmax, False),
+    "softmax": Kernel("softmax (block-causal)", _softmax, False),
+    "softmax_dense": Kernel("softmax (dense T x T)", _softmax_dense, False),
     "linear_chunked": Kernel("linear (chunked)", _linear_chunked, False),
     "mesa_sequential": Kernel("mesa (sequential scan)", _mesa_sequential, True),
     "mesa_chunked": Kernel("mesa (chunked)", _mesa_chunked, True),

@@ -62,13 +62,34 @@ def linear_attention_chunked(q_BTHD, k_BTHD, v_BTHD, chunk_size: int = 64):
     return from_chunks(out, t)
 
 
-def softmax_attention(q_BTHD, k_BTHD, v_BTHD):
-    """Delta_t = sum_{t'<=t} v_{t'} softmax_{t'}(k_{t'}^T q_t / sqrt(d)); masked logits set to -1e30."""
-    d = q_BTHD.shape[-1]
-    logits_BHTS = jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BTHD) / jnp.sqrt(d).astype(q_BTHD.dtype)
-    logits_BHTS = jnp.where(causal_mask(q_BTHD.shape[1]), logits_BHTS, NEG_INF)
-    weights_BHTS = jax.nn.softmax(logits_BHTS, axis=-1)
-    return jnp.einsum("bhts,bshd->bthd", weights_BHTS, v_BTHD), weights_BHTS
+SOFTMAX_BLOCK = 64  # query rows per block of the block-causal softmax (T=224 CPU step: 2.3 s dense, 1.45 s at 64)
+
+
+def softmax_attention(q_BTHD, k_BTHD, v_BTHD, block_size: int | None = SOFTMAX_BLOCK):
+    """Delta_t = sum_{t'<=t} v_{t'} softmax_{t'}(k_{t'}^T q_t / sqrt(d)); masked logits set to -1e30.
+
+    Block-causal: the queries of block [s, e) only meet the keys [0, e), so the logits above the
+    diagonal blocks (about half of the T x T matrix) are never formed; each row still holds every
+    key t' <= t, so the softmax is exact, not an online rescaling.  ``block_size=None`` (or T no
+    larger than it) forms the dense T x T logits.  The weights [B, H, T, T] are assembled with zeros
+    above the blocks; under jit they cost nothing when the caller drops them (e.g. the training loss).
+    """
+    t, d = q_BTHD.shape[1], q_BTHD.shape[-1]
+    scale = 1.0 / jnp.sqrt(d).astype(q_BTHD.dtype)
+    block = t if block_size is None or block_size >= t else block_size
+    # one transpose to [B, H, T, D]: slices along T are then contiguous per head and feed batched matmuls
+    q_BHTD, k_BHTD, v_BHTD = (jnp.swapaxes(x, 1, 2) for x in (q_BTHD, k_BTHD, v_BTHD))
+    outs_BHCD, weights_BHCS = [], []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        logits_BHCS = jnp.einsum("bhtd,bhsd->bhts", q_BHTD[:, :, start:end], k_BHTD[:, :, :end]) * scale
+        mask_CS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+        weights = jax.nn.softmax(jnp.where(mask_CS, logits_BHCS, NEG_INF), axis=-1)
+        outs_BHCD.append(jnp.einsum("bhts,bhsd->bhtd", weights, v_BHTD[:, :, :end]))
+        weights_BHCS.append(jnp.pad(weights, ((0, 0), (0, 0), (0, 0), (0, t - end))))
+    out_BHTD = jnp.concatenate(outs_BHCD, axis=2) if len(outs_BHCD) > 1 else outs_BHCD[0]
+    weights_BHTS = jnp.concatenate(weights_BHCS, axis=2) if len(weights_BHCS) > 1 else weights_BHCS[0]
+    return jnp.swapaxes(out_BHTD, 1, 2), weights_BHTS
 
 
 def sinusoidal_encoding(t: int, dim: int) -> jax.Array:

@@ -31,6 +31,38 @@ def test_linear_and_softmax_attention_against_loops():
         np.testing.assert_allclose(soft[0, t, 0], (w / w.sum()) @ v[0, : t + 1, 0], rtol=1e-5, atol=1e-5)
 
 
+def _softmax_reference(q, k, v):
+    """float64 numpy: out_t = sum_{t'<=t} softmax_{t'}(k_{t'} . q_t / sqrt(d)) v_{t'}, weights [B, H, T, T]."""
+    t, d = q.shape[1], q.shape[-1]
+    logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d)
+    logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", w, v), w
+
+
+@pytest.mark.parametrize("block", [None, 7, 16, 36, 64])
+def test_block_causal_softmax_matches_a_float64_reference(block):
+    """The block-causal kernel (T = 37 not a multiple of the block) equals the dense softmax, weights
+    included (zero above the diagonal), and so do its gradients (against the dense kernel's)."""
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.normal(size=(2, 37, 3, 5)) for _ in range(3))
+    ref_out, ref_w = _softmax_reference(q, k, v)
+    q32, k32, v32 = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+    out, weights = jax.jit(layers.softmax_attention, static_argnums=3)(q32, k32, v32, block)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(weights, ref_w, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(weights)[..., np.triu_indices(37, 1)[0], np.triu_indices(37, 1)[1]] == 0)
+    cot = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+
+    def grads(block_size):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(layers.softmax_attention(*a, block_size)[0] * cot),
+                                argnums=(0, 1, 2)))(q32, k32, v32)
+
+    for got, want in zip(grads(block), grads(None), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind, extra", [
     ("linear", {}), ("softmax", {}), ("softmax_pe", {}),
     ("mesa", {"mesa_impl": "sequential"}), ("mesa", {"mesa_chunk_size": 3, "mesa_forget": "gate"}),
