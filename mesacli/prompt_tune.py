@@ -199,6 +199,9 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
             raise MesaError(f"{directory} was tuned with other settings ({diff or 'model checkpoint step'}); "
                             f"use the same options or delete {directory} to start over")
         state, _ = ckpts.restore(state, resumed_from)
+    # placed like the (restored, mesh-replicated) params, so the step's outputs have its inputs' types and the
+    # second call does not retrace and recompile the whole frozen model
+    state = jax.device_put(state, jax.tree_util.tree_leaves(params)[0].sharding)
     start = int(state["step"])
     _truncate_log(directory / LOSS_FILE, start)
     end = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from mesacli import icl, model, tasks
 from mesacli.cli import app
 from mesacli.errors import MesaError
-from mesacli.prompt_tune import TuneConfig, load_tuned, tune_stage
+from mesacli.prompt_tune import TuneConfig, load_tuned, make_tune_step, tune_stage
 from mesacli.train import load_params, train
 from tests.conftest import TINY, merge, tiny_spec
 
@@ -179,8 +179,12 @@ def test_prompt_tuning_the_eos_reduces_held_out_label_loss(tiny_run, tmp_path):
     cfg = TuneConfig(steps=40, lr=0.05, batch=32, n_examples=5, checkpoint_every=20, log_every=5)
     result = tune_stage(run, "eos", cfg, progress=False)
     assert result.step == 40 and result.heldout_after < 0.97 * result.heldout_before
-    # independent held-out prompts (another seed): tuned EOS beats the initial N(0, I) EOS
     spec, params, _ = load_params(run)
+    # the initial state is placed like the params: one trace and compile for all 40 steps (not one more at step 2)
+    _, step_fn = make_tune_step(spec, icl.make_layout(SEQ_LEN, 5, eos=True), "eos", cfg.lr, cfg.batch, cfg.x_dist,
+                                cfg.seed)
+    assert step_fn._cache_size() == 1
+    # independent held-out prompts (another seed): tuned EOS beats the initial N(0, I) EOS
     lay = icl.make_layout(SEQ_LEN, 6, eos=True)  # all 6 examples that fit (tuned on 5)
     x, y = icl.sample_regression(jax.random.PRNGKey(99), N_S, lay.n_examples, 256)
     init = jax.random.normal(icl.icl_key("init", 0, 0), (N_S,))
