@@ -49,7 +49,7 @@ paper-probe: install  ## LSA-1, LSA-6 (constructed tokens) and Softmax-7, then e
 		$(VENV)/bin/mesacli probe $(RUNS)/$$spec || exit 1; \
 	done
 
-paper-icl: install  ## the T=224 Softmax-7, prompt-tune EOS then prefix, icl-eval plain/EOS/tuned (2-core CPU: ~10 h)
+paper-icl: install  ## the T=224 Softmax-7, prompt-tune EOS then prefix, icl-eval plain/EOS/tuned (2-core CPU: ~8 h)
 	$(VENV)/bin/mesacli train experiments/icl_softmax7_t224.yaml --run-dir $(RUNS)/icl_softmax7_t224 --no-progress \
 		$(TRAIN_ARGS)
 	$(VENV)/bin/mesacli prompt-tune $(RUNS)/icl_softmax7_t224 --what both --steps $(TUNE_STEPS) --no-progress
