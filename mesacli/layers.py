@@ -83,13 +83,10 @@ def softmax_attention(q_BTHD, k_BTHD, v_BTHD, block_size: int | None = SOFTMAX_B
     for start in range(0, t, block):
         end = min(start + block, t)
         logits_BHCS = jnp.einsum("bhtd,bhsd->bhts", q_BHTD[:, :, start:end], k_BHTD[:, :, :end]) * scale
-        mask_CS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-        weights = jax.nn.softmax(jnp.where(mask_CS, logits_BHCS, NEG_INF), axis=-1)
+        weights = jax.nn.softmax(jnp.where(causal_mask(end)[start:end], logits_BHCS, NEG_INF), axis=-1)
         outs_BHCD.append(jnp.einsum("bhts,bhsd->bhtd", weights, v_BHTD[:, :, :end]))
         weights_BHCS.append(jnp.pad(weights, ((0, 0), (0, 0), (0, 0), (0, t - end))))
-    out_BHTD = jnp.concatenate(outs_BHCD, axis=2) if len(outs_BHCD) > 1 else outs_BHCD[0]
-    weights_BHTS = jnp.concatenate(weights_BHCS, axis=2) if len(weights_BHCS) > 1 else weights_BHCS[0]
-    return jnp.swapaxes(out_BHTD, 1, 2), weights_BHTS
+    return jnp.swapaxes(jnp.concatenate(outs_BHCD, axis=2), 1, 2), jnp.concatenate(weights_BHCS, axis=2)
 
 
 def sinusoidal_encoding(t: int, dim: int) -> jax.Array:
