@@ -28,6 +28,7 @@ import optax
 from mesacli import icl
 from mesacli.checkpoint import Checkpoints, restore_latest
 from mesacli.errors import MesaError
+from mesacli.train import accumulated_value_and_grad
 
 TUNE_DIR = "prompt_tune"
 STAGES = ("eos", "prefix")
@@ -39,6 +40,7 @@ class TuneConfig:
     steps: int = 5000
     lr: float = 1e-3
     batch: int = 64
+    micro_batch: int | None = None  # accumulate the gradient over micro-batches (same update, smaller working set)
     prefix_len: int = 20
     n_examples: int | None = None  # None: as many as fit in the model's context
     x_dist: str = "uniform"
@@ -52,6 +54,8 @@ class TuneConfig:
                 raise MesaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise MesaError(f"--lr must be positive, got {self.lr}")
+        if self.micro_batch is not None and (self.micro_batch < 1 or self.batch % self.micro_batch):
+            raise MesaError(f"--micro-batch ({self.micro_batch}) must be a positive divisor of --batch ({self.batch})")
         if self.x_dist not in icl.X_DISTS:
             raise MesaError(f"--x-dist: '{self.x_dist}' is not one of {', '.join(icl.X_DISTS)}")
         return self
@@ -123,9 +127,11 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 
 @lru_cache(maxsize=8)
-def make_tune_step(spec, layout: icl.PromptLayout, stage: str, lr: float, batch: int, x_dist: str, seed: int):
+def make_tune_step(spec, layout: icl.PromptLayout, stage: str, lr: float, batch: int, x_dist: str, seed: int,
+                   micro_batch: int | None = None):
     """The jitted step(state, params): sample the step's prompts, Adam update of the tuned tokens on the mean label
-    loss.  Cached on everything that shapes it, so an interrupted and a resumed session share one compile."""
+    loss (accumulated over micro-batches of ``micro_batch`` prompts when set).  Cached on everything that shapes
+    it, so an interrupted and a resumed session share one compile."""
     tx = optax.adam(lr)
     n_s = spec.task.obs_dim
 
@@ -136,7 +142,8 @@ def make_tune_step(spec, layout: icl.PromptLayout, stage: str, lr: float, batch:
     @jax.jit
     def step_fn(state, params):
         x, y = icl.sample_regression(icl.icl_key("tune", seed, state["step"]), n_s, layout.n_examples, batch, x_dist)
-        value, grad = jax.value_and_grad(loss)(state["tokens"], state.get("eos"), params, x, y)
+        value, grad = accumulated_value_and_grad(lambda tokens, xy: loss(tokens, state.get("eos"), params, *xy),
+                                                 state["tokens"], (x, y), micro_batch)
         updates, opt_state = tx.update(grad, state["opt_state"], state["tokens"])
         new = dict(state, tokens=optax.apply_updates(state["tokens"], updates), opt_state=opt_state,
                    step=state["step"] + 1)
@@ -182,7 +189,7 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
             "layout": {"n_examples": layout.n_examples, "prefix_len": layout.prefix_len, "length": layout.length}}
     key = icl.icl_key("init", cfg.seed, 0 if stage == "eos" else 1)
     init_tokens = jax.random.normal(key, (n_s,) if stage == "eos" else (prefix_len, n_s))
-    tx, step_fn = make_tune_step(spec, layout, stage, cfg.lr, cfg.batch, cfg.x_dist, cfg.seed)
+    tx, step_fn = make_tune_step(spec, layout, stage, cfg.lr, cfg.batch, cfg.x_dist, cfg.seed, cfg.micro_batch)
     state = {"tokens": init_tokens, "opt_state": tx.init(init_tokens), "step": jnp.array(0, jnp.int32)}
     if stage == "prefix":
         state["eos"] = frozen_eos

@@ -92,6 +92,9 @@ class TrainSpec:
 
     steps: int = 5000
     batch_size: int = 256
+    # split each step's batch into micro-batches of this many sequences, gradients accumulated: the same
+    # update up to float rounding, with a smaller working set (T=224 Softmax-7 on a 2-core CPU: 1.5x faster)
+    micro_batch: int | None = None
     lr: float = 1e-4  # peak learning rate
     schedule: str = "constant"  # constant | warmup_cosine
     warmup_steps: int = 1000
@@ -353,6 +356,11 @@ def validate(spec: Spec) -> None:
         _positive(model.act_clip, "model.act_clip")
     if train.grad_clip is not None:
         _positive(train.grad_clip, "train.grad_clip")
+    if train.micro_batch is not None:
+        _positive(train.micro_batch, "train.micro_batch")
+        if train.batch_size % train.micro_batch:
+            raise MesaError(f"train.micro_batch ({train.micro_batch}) must divide train.batch_size "
+                            f"({train.batch_size})")
     if task.kind != "partial" and task.obs_dim != task.state_dim:
         raise MesaError(
             f"task.obs_dim ({task.obs_dim}) must equal task.state_dim ({task.state_dim}) "

@@ -128,8 +128,34 @@ def loss_fn(params, batch: tasks.Batch, spec: Spec):
     return tasks.sequence_loss(pred, batch.targets_BTS)
 
 
+def accumulated_value_and_grad(loss: Callable, params, batch: tasks.Batch, micro_batch: int | None,
+                               sharding: NamedSharding | None = None):
+    """(L, dL/dparams) of the batch-mean loss L = (1/M) sum_m L_m over M equal micro-batches of
+    ``micro_batch`` sequences (micro-batch m holds rows m, m + M, m + 2M, ...), accumulated in a
+    ``lax.scan``: the full batch's value and gradient up to float rounding, with 1/M of the working set.
+    ``micro_batch=None`` (or the whole batch) takes one pass."""
+    size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    if micro_batch is None or micro_batch >= size:
+        return jax.value_and_grad(loss)(params, batch)
+    count = size // micro_batch
+    # [B, ...] -> [M, B/M, ...] with row i*M + m in micro-batch m: each micro-batch keeps the batch's
+    # split over the "data" devices (every device's rows stay on it)
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(micro_batch, count, *x.shape[1:]), 0, 1), batch)
+
+    def accumulate(carry, micro_batch_data):
+        if sharding is not None:
+            micro_batch_data = jax.lax.with_sharding_constraint(micro_batch_data, sharding)
+        value, grads = jax.value_and_grad(loss)(params, micro_batch_data)
+        return jax.tree.map(jnp.add, carry, (value, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (value, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    return value / count, jax.tree.map(lambda g: g / count, grads)
+
+
 def make_train_step(spec: Spec, mesh: Mesh) -> Callable[[dict], tuple[dict, dict]]:
-    """The one jitted step: sample the step's batch on device (sharded over "data"), AdamW update.
+    """The one jitted step: sample the step's batch on device (sharded over "data"), AdamW update
+    (gradients accumulated over micro-batches of ``train.micro_batch`` sequences when it is set).
 
     With ``train.seeds`` > 1 the replica step is ``vmap``-ed over the stacked params, optimiser states
     and seeds (metrics then have a leading replica axis)."""
@@ -140,7 +166,8 @@ def make_train_step(spec: Spec, mesh: Mesh) -> Callable[[dict], tuple[dict, dict
     def replica_step(params, opt_state, step, seed):
         batch = tasks.sample_batch(tasks.data_key(seed, step), spec, spec.train.batch_size)
         batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, spec)
+        loss, grads = accumulated_value_and_grad(lambda p, b: loss_fn(p, b, spec), params, batch,
+                                                 spec.train.micro_batch, batch_sharding)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
@@ -381,6 +408,8 @@ def train(
     run_dir = Path(run_dir)
     mesh = make_mesh(devices, spec.train.seeds)
     check_batch_divides(spec.train.batch_size, mesh)
+    if spec.train.micro_batch is not None:
+        check_batch_divides(spec.train.micro_batch, mesh, "train.micro_batch")
     primary = is_primary()  # several processes: process 0 writes the files, all save checkpoints together
     if primary:
         prepare_run_dir(spec, run_dir)

@@ -182,7 +182,7 @@ def test_prompt_tuning_the_eos_reduces_held_out_label_loss(tiny_run, tmp_path):
     spec, params, _ = load_params(run)
     # the initial state is placed like the params: one trace and compile for all 40 steps (not one more at step 2)
     _, step_fn = make_tune_step(spec, icl.make_layout(SEQ_LEN, 5, eos=True), "eos", cfg.lr, cfg.batch, cfg.x_dist,
-                                cfg.seed)
+                                cfg.seed, cfg.micro_batch)
     assert step_fn._cache_size() == 1
     # independent held-out prompts (another seed): tuned EOS beats the initial N(0, I) EOS
     lay = icl.make_layout(SEQ_LEN, 6, eos=True)  # all 6 examples that fit (tuned on 5)
@@ -195,6 +195,24 @@ def test_prompt_tuning_the_eos_reduces_held_out_label_loss(tiny_run, tmp_path):
     assert after < 0.97 * before
     with pytest.raises(MesaError, match="token size mismatch"):
         load_tuned(run, N_S + 1)
+
+
+def test_micro_batched_tune_step_gives_the_full_batch_update(tiny_run):
+    """The prefix step accumulated over 4 micro-batches of 8 prompts equals one pass over the 32 prompts."""
+    spec, params, _ = load_params(tiny_run)
+    lay = icl.make_layout(SEQ_LEN, 4, eos=True, prefix_len=2)
+    tokens = jax.random.normal(jax.random.PRNGKey(3), (2, N_S))
+    results = []
+    for micro in (None, 8):
+        tx, step_fn = make_tune_step(spec, lay, "prefix", 1e-3, 32, "uniform", 0, micro)
+        state = {"tokens": tokens, "eos": jnp.ones(N_S), "opt_state": tx.init(tokens), "step": jnp.array(0)}
+        new, value = step_fn(state, params)
+        results.append((np.asarray(new["tokens"]), float(value), tx, state))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    assert results[1][1] == pytest.approx(results[0][1], rel=1e-6)
+    assert np.abs(results[0][0] - np.asarray(tokens)).max() > 5e-4  # the step moved the tokens (lr 1e-3)
+    with pytest.raises(MesaError, match=r"--micro-batch \(5\) must be a positive divisor of --batch \(32\)"):
+        TuneConfig(batch=32, micro_batch=5).validate()
 
 
 def test_prompt_tune_resumed_equals_uninterrupted(tiny_run, tmp_path):

@@ -29,6 +29,15 @@ SCRIPT = textwrap.dedent(
     for a, b in zip(jax.tree_util.tree_leaves(results[1][0]), jax.tree_util.tree_leaves(results[4][0])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # reduction order differs across devices
     assert abs(results[1][1] - results[4][1]) < 1e-5 * abs(results[1][1])
+    # micro-batches of 4 over 4 devices (one row per device each) equal the 1-device full-batch step
+    micro_spec = tiny_spec(model={"attention": "mesa", "first_layer": "softmax_pe"}, train={"micro_batch": 4})
+    mesh = make_mesh(jax.devices())
+    state = init_state(micro_spec, mesh)
+    step = make_train_step(micro_spec, mesh)
+    for _ in range(3):
+        state, metrics = step(state)
+    for a, b in zip(jax.tree_util.tree_leaves(results[1][0]), jax.tree_util.tree_leaves(state["params"])):
+        np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-5)
     # seeds in one program: 4 replicas on 4 devices, one replica per device, equal to 1 device
     seeds_spec = tiny_spec(train={"seeds": 4})
     stacked = {}
@@ -53,6 +62,12 @@ SCRIPT = textwrap.dedent(
         check_batch_divides(6, make_mesh())
     except MesaError as err:
         assert "multiple of the number of devices (4)" in str(err)
+    else:
+        raise AssertionError("expected an error")
+    try:
+        check_batch_divides(2, make_mesh(), "train.micro_batch")
+    except MesaError as err:
+        assert err.args[0].startswith("train.micro_batch (2) must be a multiple")
     else:
         raise AssertionError("expected an error")
     print("OK")
