@@ -49,10 +49,10 @@ paper-probe: install  ## LSA-1, LSA-6 (constructed tokens) and Softmax-7, then e
 		$(VENV)/bin/mesacli probe $(RUNS)/$$spec || exit 1; \
 	done
 
-paper-icl: install  ## the T=224 Softmax-7, prompt-tune EOS then prefix, icl-eval plain/EOS/tuned (2-core CPU: ~8 h)
+paper-icl: install  ## the T=224 Softmax-7, prompt-tune EOS then prefix, icl-eval plain/EOS/tuned (2-core CPU: ~6 h)
 	$(VENV)/bin/mesacli train experiments/icl_softmax7_t224.yaml --run-dir $(RUNS)/icl_softmax7_t224 --no-progress \
 		$(TRAIN_ARGS)
-	$(VENV)/bin/mesacli prompt-tune $(RUNS)/icl_softmax7_t224 --what both --steps $(TUNE_STEPS) --no-progress
+	$(VENV)/bin/mesacli prompt-tune $(RUNS)/icl_softmax7_t224 --what both --steps $(TUNE_STEPS) --micro-batch 16 --no-progress
 	$(VENV)/bin/mesacli icl-eval $(RUNS)/icl_softmax7_t224 --prompt plain,eos,tuned
 	$(VENV)/bin/mesacli icl-eval $(RUNS)/icl_softmax7_t224 --prompt plain,eos,tuned --continual
 
