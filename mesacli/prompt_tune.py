@@ -206,6 +206,11 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
             raise MesaError(f"{directory} was tuned with other settings ({diff or 'model checkpoint step'}); "
                             f"use the same options or delete {directory} to start over")
         state, _ = ckpts.restore(state, resumed_from)
+        if stage == "prefix" and not np.array_equal(np.asarray(state["eos"]), np.asarray(frozen_eos)):
+            ckpts.close()  # the EOS was re-tuned since: resuming would go on with the old EOS frozen
+            raise MesaError(f"{directory} was tuned with an EOS that {stage_dir(run_dir, 'eos', replica)} no longer "
+                            f"holds (the EOS was tuned further); delete {directory} to tune the prefix with the "
+                            f"current EOS")
     # placed like the (restored, mesh-replicated) params, so the step's outputs have its inputs' types and the
     # second call does not retrace and recompile the whole frozen model
     state = jax.device_put(state, jax.tree_util.tree_leaves(params)[0].sharding)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 from mesacli import icl, model, tasks
 from mesacli.cli import app
 from mesacli.errors import MesaError
-from mesacli.prompt_tune import TuneConfig, load_tuned, make_tune_step, tune_stage
+from mesacli.prompt_tune import TuneConfig, load_tuned, make_tune_step, stage_dir, tune_stage
 from mesacli.train import load_params, train
 from tests.conftest import TINY, merge, tiny_spec
 
@@ -233,6 +234,27 @@ def test_prompt_tune_resumed_equals_uninterrupted(tiny_run, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in log], [r["loss"] for r in ref], rtol=1e-5)
     with pytest.raises(MesaError, match="other settings"):
         tune_stage(runs[1], "eos", TuneConfig(steps=12, lr=0.01, batch=32, n_examples=5), progress=False, heldout=False)
+
+
+def test_a_prefix_tuned_with_an_older_eos_is_not_resumed(tiny_run, tmp_path):
+    """Resuming the prefix stage after the EOS was tuned further would go on with the old EOS: an error."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = TuneConfig(steps=4, lr=0.05, batch=32, n_examples=4, prefix_len=2, checkpoint_every=2, log_every=2)
+    tune_stage(run, "eos", cfg, progress=False, heldout=False)
+    assert tune_stage(run, "prefix", cfg, progress=False, heldout=False, stop_at_step=2).step == 2
+    resumed = tune_stage(run, "prefix", cfg, progress=False, heldout=False)  # same EOS: resumes
+    assert resumed.resumed_from == 2 and resumed.step == 4
+    tune_stage(run, "eos", dataclasses.replace(cfg, steps=6), progress=False, heldout=False)
+    longer = dataclasses.replace(cfg, steps=6)
+    with pytest.raises(MesaError, match="the EOS was tuned further"):
+        tune_stage(run, "prefix", longer, progress=False, heldout=False)
+    shutil.rmtree(stage_dir(run, "prefix"))
+    fresh = tune_stage(run, "prefix", longer, progress=False, heldout=False)
+    assert fresh.resumed_from is None and fresh.step == 6
+    tuned = load_tuned(run, N_S)
+    assert tuned["eos_step"] == 6
+    np.testing.assert_array_equal(tuned["prefix_eos"], tuned["eos"])
 
 
 # ----------------------------------------------------------------------------- CLI
