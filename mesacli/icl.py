@@ -252,6 +252,17 @@ def prompt_names(prompts: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def check_tuned_on_step(tuned: dict, stage: str, at_step: int, run_dir: Path) -> None:
+    """MesaError unless the tuned ``stage`` tokens (from ``prompt_tune.load_tuned``) were tuned on model checkpoint
+    ``at_step``: tokens tuned on another checkpoint (e.g. before the run trained further) are not that model's."""
+    tuned_on = tuned.get(f"{stage}_model_step")
+    if tuned_on != at_step:
+        what = "EOS" if stage == "eos" else "prefix"
+        raise MesaError(f"the tuned {what} in {run_dir}/prompt_tune was tuned on model step {tuned_on}, "
+                        f"but this evaluates step {at_step}: pass --step {tuned_on}, or delete {run_dir}/prompt_tune "
+                        f"and run `mesacli prompt-tune {run_dir}` again")
+
+
 def _seed_stats(per_seed: list[np.ndarray]) -> dict[str, list[float]]:
     arr = np.asarray(per_seed)
     return {"mean": arr.mean(0).tolist(), "std": arr.std(0).tolist()}
@@ -288,6 +299,9 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
     def prompt_setups(tuned: dict) -> tuple[dict[str, tuple[str, Any, Any, int]], dict[str, str]]:
         setups, sources = {}, {}
         for name in names:
+            stage = {"eos": "eos", "tuned": "prefix"}.get(name)
+            if stage is not None and tuned.get(stage) is not None:
+                check_tuned_on_step(tuned, stage, at_step, run_dir)
             if name == "plain":
                 setups[name] = ("model (plain)", None, None, 0)
             elif name == "eos":

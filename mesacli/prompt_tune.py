@@ -98,9 +98,10 @@ def _state_template(meta: dict) -> dict:
 
 
 def load_tuned(run_dir: str | Path, n_s: int, replica: int | None = None) -> dict[str, Any]:
-    """{"eos": vector or None, "prefix": [P, n_s] or None, "prefix_eos": the EOS frozen with that prefix, and
-    "<stage>_step"} from the latest checkpoints of RUN_DIR/prompt_tune (of replica ``replica`` of a multi-seed
-    run); a token of the wrong size is a MesaError."""
+    """{"eos": vector or None, "prefix": [P, n_s] or None, "prefix_eos": the EOS frozen with that prefix,
+    "<stage>_step" and "<stage>_model_step" (the model checkpoint step it was tuned on)} from the latest
+    checkpoints of RUN_DIR/prompt_tune (of replica ``replica`` of a multi-seed run);
+    a token of the wrong size is a MesaError."""
     out: dict[str, Any] = {"eos": None, "prefix": None, "prefix_eos": None}
     for stage in STAGES:
         found = restore_latest(stage_dir(run_dir, stage, replica) / "checkpoints", _state_template)
@@ -112,6 +113,7 @@ def load_tuned(run_dir: str | Path, n_s: int, replica: int | None = None) -> dic
             raise MesaError(f"tuned {stage} tokens in {stage_dir(run_dir, stage)} have size {tokens.shape[-1]} but "
                             f"this run's observations have n_s={n_s} (token size mismatch)")
         out[f"{stage}_step"] = step
+        out[f"{stage}_model_step"] = meta.get("model_step")
         if stage == "eos":
             out["eos"] = tokens
         else:
@@ -202,8 +204,11 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
         old = TuneConfig(**stored["config"]).identity(stage)
         if old != cfg.identity(stage) or stored.get("model_step") != at_step or stored.get("n_s") != n_s:
             ckpts.close()
-            diff = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in cfg.identity(stage).items() if old.get(k) != v)
-            raise MesaError(f"{directory} was tuned with other settings ({diff or 'model checkpoint step'}); "
+            changed = [(k, old.get(k), v) for k, v in cfg.identity(stage).items() if old.get(k) != v]
+            if stored.get("model_step") != at_step:
+                changed.append(("model checkpoint step", stored.get("model_step"), at_step))
+            diff = ", ".join(f"{k}: {a} -> {b}" for k, a, b in changed) or f"n_s: {stored.get('n_s')} -> {n_s}"
+            raise MesaError(f"{directory} was tuned with other settings ({diff}); "
                             f"use the same options or delete {directory} to start over")
         state, _ = ckpts.restore(state, resumed_from)
         if stage == "prefix" and not np.array_equal(np.asarray(state["eos"]), np.asarray(frozen_eos)):

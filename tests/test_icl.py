@@ -307,6 +307,24 @@ def test_cli_bad_inputs_give_one_error_line(tiny_run, tmp_path):
                                         "--no-progress"]), "no tuned EOS")
 
 
+def test_tokens_tuned_on_another_model_checkpoint_are_refused(tmp_path):
+    """A run trained on after prompt-tuning: icl-eval of the newer checkpoint refuses the stale tokens (one line),
+    evaluates the checkpoint they were tuned on, and prompt-tune names the step change."""
+    spec = tiny_spec(task={"state_dim": N_S, "obs_dim": N_S, "seq_len": SEQ_LEN}, model={"attention": "softmax"},
+                     train={"steps": 4, "batch_size": 8, "eval_every": 4, "checkpoint_every": 2, "log_every": 2})
+    run = tmp_path / "run"
+    train(spec, run, progress=False)
+    tune = ["prompt-tune", str(run), "--steps", "2", "--batch", "8", "--examples", "5", "--no-progress"]
+    assert runner.invoke(app, tune + ["--step", "2"]).exit_code == 0
+    assert load_tuned(run, N_S)["eos_model_step"] == 2
+    _one_line_error(runner.invoke(app, ["icl-eval", str(run), "--prompt", "eos", "--seeds", "1", "--batch", "8"]),
+                    "tuned on model step 2, but this evaluates step 4: pass --step 2")
+    out = runner.invoke(app, ["icl-eval", str(run), "--prompt", "eos", "--seeds", "1", "--batch", "8", "--step", "2"])
+    assert out.exit_code == 0, out.output
+    assert json.loads((run / "icl_eval_eos_step2.json").read_text())["meta"]["eos_source"]["eos"] == "tuned"
+    _one_line_error(runner.invoke(app, tune), "model checkpoint step: 2 -> 4")
+
+
 @pytest.mark.slow
 def test_icl_eval_analyses_every_replica_of_a_multi_seed_run(tmp_path):
     from mesacli.prompt_tune import prompt_tune
