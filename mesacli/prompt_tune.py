@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mesacli import icl
+from mesacli import icl, runtime
 from mesacli.checkpoint import Checkpoints, restore_latest
 from mesacli.errors import MesaError
 from mesacli.train import accumulated_value_and_grad
@@ -259,15 +259,18 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
         task_id = bar.add_task(f"prompt-tune {stage}", total=cfg.steps, completed=start, loss="-")
         step = start
         try:
-            while step < end:
-                state, value = step_fn(state, params)
-                pending.append((step + 1, value))
-                step += 1
-                do_ckpt = step % cfg.checkpoint_every == 0 or step == end
-                if step % cfg.log_every == 0 or do_ckpt:
-                    bar.update(task_id, completed=step, loss=f"{flush(step):.4f}")
-                if do_ckpt:
-                    save(step)
+            with runtime.stop_on_sigterm():  # SIGTERM: stop after the step under way, as on Ctrl-C
+                while step < end:
+                    state, value = step_fn(state, params)
+                    pending.append((step + 1, value))
+                    step += 1
+                    do_ckpt = step % cfg.checkpoint_every == 0 or step == end
+                    if step % cfg.log_every == 0 or do_ckpt:
+                        bar.update(task_id, completed=step, loss=f"{flush(step):.4f}")
+                    if do_ckpt:
+                        save(step)
+                    if runtime.stop_requested() and step < end:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:  # keep what was done: the losses so far and a checkpoint at this step
             if pending:
                 flush(step)

@@ -1,5 +1,12 @@
 """Process-wide runtime settings that every mesacli command applies before it starts JAX work.
 
+Graceful stop on SIGTERM (``stop_on_sigterm``, used by the training and prompt-tuning loops).  A job
+scheduler pre-empts a job, and ``kill PID`` stops one, with SIGTERM; a command started in the background
+by a non-interactive shell (``nohup mesacli train ... &``) ignores SIGINT, so SIGTERM is the only polite way
+to stop it.  Inside the loops SIGTERM only raises a flag: the loop finishes the step it is on, then stops as
+on Ctrl-C (metrics flushed, a checkpoint of that step saved, exit code 130).  Anywhere else SIGTERM keeps
+its default action.
+
 Host memory allocator.  glibc's malloc serves every request of 32 MiB or more (the ceiling of its
 dynamic mmap threshold) with a fresh ``mmap`` and gives it back to the kernel on ``free``; smaller
 freed blocks at the top of the heap are trimmed away as well.  XLA:CPU allocates an executable's large
@@ -18,9 +25,12 @@ programs call ``keep_large_allocations()`` once at start-up.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+import signal
+import threading
 
 ENV_VAR = "MESACLI_ALLOCATOR"
 CHOICES = ("tuned", "glibc")
@@ -28,7 +38,7 @@ _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 _LARGEST = 2**31 - 1  # mallopt takes an int
 
-_state = {"allocator": "glibc"}
+_state = {"allocator": "glibc", "stop_requested": False}
 
 
 def allocator() -> str:
@@ -71,3 +81,28 @@ def configure_from_env(environ=os.environ) -> str:
     if choice == "tuned":
         keep_large_allocations()
     return allocator()
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Within: SIGTERM sets ``stop_requested()`` instead of ending the process (the loop then stops at a step
+    boundary and saves); the previous handler comes back on exit.  A no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _state["stop_requested"] = False
+
+    def request_stop(signum, frame):
+        _state["stop_requested"] = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _state["stop_requested"] = False
+
+
+def stop_requested() -> bool:
+    """True once SIGTERM arrived inside ``stop_on_sigterm``."""
+    return _state["stop_requested"]

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mesacli import model, tasks
+from mesacli import model, runtime, tasks
 from mesacli.checkpoint import Checkpoints, dump_json
 from mesacli.errors import MesaError
 from mesacli.spec import Spec, TrainSpec, load_spec, spec_diff, spec_to_dict, spec_to_yaml
@@ -357,22 +357,26 @@ def run_steps(state, start: int, end: int, total: int, *, step_fn: Callable, log
     every = (log, eval, checkpoint) intervals.  Metrics are flushed every log interval and at evaluations and
     checkpoints (a non-finite loss raises TrainingDiverged there); ``eval_record(state, step)`` is logged every
     eval interval and at step ``total``; ``save(state, step)`` every checkpoint interval and at ``end``.
-    Ctrl-C flushes and saves the last finished step and returns interrupted = True; divergence closes the
-    checkpoints and names the last good one.  Returns (state, step, interrupted)."""
+    Ctrl-C, or SIGTERM (which stops after the step under way), flushes and saves the last finished step and
+    returns interrupted = True; divergence closes the checkpoints and names the last good one.
+    Returns (state, step, interrupted)."""
     log_every, eval_every, checkpoint_every = every
     step, interrupted = start, False
     try:
-        while step < end:
-            state, metrics = step_fn(state, step)
-            log.add(step, metrics)
-            step += 1
-            do_eval = step % eval_every == 0 or step == total
-            do_ckpt = step % checkpoint_every == 0 or step == end
-            if step % log_every == 0 or do_eval or do_ckpt:
-                log.flush(eval_record(state, step) if do_eval else None)
-                on_flush(step, log.last_loss)
-            if do_ckpt:
-                save(state, step)
+        with runtime.stop_on_sigterm():
+            while step < end:
+                state, metrics = step_fn(state, step)
+                log.add(step, metrics)
+                step += 1
+                do_eval = step % eval_every == 0 or step == total
+                do_ckpt = step % checkpoint_every == 0 or step == end
+                if step % log_every == 0 or do_eval or do_ckpt:
+                    log.flush(eval_record(state, step) if do_eval else None)
+                    on_flush(step, log.last_loss)
+                if do_ckpt:
+                    save(state, step)
+                if runtime.stop_requested() and step < end:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
         try:

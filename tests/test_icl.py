@@ -236,6 +236,38 @@ def test_prompt_tune_resumed_equals_uninterrupted(tiny_run, tmp_path):
         tune_stage(runs[1], "eos", TuneConfig(steps=12, lr=0.01, batch=32, n_examples=5), progress=False, heldout=False)
 
 
+def test_sigterm_stops_prompt_tuning_after_the_step_with_a_checkpoint(tiny_run, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from mesacli import prompt_tune
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    original = prompt_tune.make_tune_step
+
+    def terminating_at_the_third_step(*args):
+        tx, step_fn = original(*args)
+        calls = []
+
+        def step(state, params):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step is under way
+            return step_fn(state, params)
+
+        return tx, step
+
+    monkeypatch.setattr(prompt_tune, "make_tune_step", terminating_at_the_third_step)
+    cfg = TuneConfig(steps=12, lr=0.05, batch=32, n_examples=5, checkpoint_every=12, log_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        tune_stage(run, "eos", cfg, progress=False, heldout=False)
+    assert load_tuned(run, N_S)["eos_step"] == 3  # that step finished and was saved
+    monkeypatch.setattr(prompt_tune, "make_tune_step", original)
+    resumed = tune_stage(run, "eos", cfg, progress=False, heldout=False)
+    assert resumed.resumed_from == 3 and resumed.step == 12
+
+
 def test_a_prefix_tuned_with_an_older_eos_is_not_resumed(tiny_run, tmp_path):
     """Resuming the prefix stage after the EOS was tuned further would go on with the old EOS: an error."""
     run = tmp_path / "run"
