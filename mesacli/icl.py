@@ -299,13 +299,12 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
     def prompt_setups(tuned: dict) -> tuple[dict[str, tuple[str, Any, Any, int]], dict[str, str]]:
         setups, sources = {}, {}
         for name in names:
-            stage = {"eos": "eos", "tuned": "prefix"}.get(name)
-            if stage is not None and tuned.get(stage) is not None:
-                check_tuned_on_step(tuned, stage, at_step, run_dir)
             if name == "plain":
                 setups[name] = ("model (plain)", None, None, 0)
             elif name == "eos":
                 eos = tuned.get("eos")
+                if eos is not None:
+                    check_tuned_on_step(tuned, "eos", at_step, run_dir)
                 sources["eos"] = "tuned" if eos is not None else "zero vector (no tuned EOS in this run)"
                 setups[name] = ("model (EOS)" if eos is not None else "model (zero EOS)",
                                 eos if eos is not None else np.zeros(n_s, np.float32), None, 0)
@@ -313,13 +312,15 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
                 if tuned.get("prefix") is None:
                     raise MesaError(f"no tuned prefix in {run_dir}: run `mesacli prompt-tune {run_dir} --what both` "
                                     f"first")
+                check_tuned_on_step(tuned, "prefix", at_step, run_dir)
                 sources["tuned"] = f"tuned EOS + tuned {len(tuned['prefix'])}-token prefix"
                 setups[name] = ("model (EOS+prefix)", tuned["prefix_eos"], tuned["prefix"], len(tuned["prefix"]))
         return setups, sources
 
-    member_setups = {seed: prompt_setups(load_tuned(run_dir, n_s, seed if len(members) > 1 else None))[0]
-                     for seed, _ in members}
-    setups, sources = prompt_setups(load_tuned(run_dir, n_s, members[0][0] if len(members) > 1 else None))
+    member_results = {seed: prompt_setups(load_tuned(run_dir, n_s, seed if len(members) > 1 else None))
+                      for seed, _ in members}
+    member_setups = {seed: result[0] for seed, result in member_results.items()}
+    setups, sources = member_results[members[0][0]]  # the first replica's kinds name the curves
     for seed, other in member_setups.items():
         if [(v[0], v[3]) for v in other.values()] != [(v[0], v[3]) for v in setups.values()]:
             raise MesaError(f"the replicas of {run_dir} were prompt-tuned differently (seed {seed}); "
