@@ -13,6 +13,7 @@ import dataclasses
 
 import numpy as np
 
+from mesacli import tasks
 from mesacli.spec import Spec
 
 
@@ -23,7 +24,7 @@ def _pairs(obs_BTS: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return prev, obs
 
 
-def gd1_direction(obs_BTS: np.ndarray) -> np.ndarray:
+def gd1_sequence_direction(obs_BTS: np.ndarray) -> np.ndarray:
     """g_t = sum_{t'<=t} s_{t'} s_{t'-1}^T s_t, so that GD-1 predicts eta * g_t."""
     x, y = _pairs(obs_BTS)
     scores_BTS = np.einsum("bti,bsi->bts", np.asarray(obs_BTS, np.float64), x)
@@ -33,13 +34,13 @@ def gd1_direction(obs_BTS: np.ndarray) -> np.ndarray:
 
 def gd1_line_search(obs_BTS: np.ndarray, targets_BTS: np.ndarray) -> float:
     """The eta minimising sum ||s_{t+1} - eta g_t||^2: eta* = <y, g> / <g, g>."""
-    g = gd1_direction(obs_BTS)
+    g = gd1_sequence_direction(obs_BTS)
     y = np.asarray(targets_BTS, np.float64)
     return float(np.sum(g * y) / np.sum(g * g))
 
 
 def gd1_predictions(obs_BTS: np.ndarray, eta: float) -> np.ndarray:
-    return eta * gd1_direction(obs_BTS)
+    return eta * gd1_sequence_direction(obs_BTS)
 
 
 def ridge_predictions(obs_BTS: np.ndarray, lam: float = 1e-3) -> np.ndarray:
@@ -62,10 +63,8 @@ def per_position_loss(pred_BTS: np.ndarray, targets_BTS: np.ndarray) -> np.ndarr
 
 def gd1_search_eta(spec: Spec) -> float:
     """GD-1's eta line-searched on batches separate from the test batches (keys from eval_seed + 1)."""
-    from mesacli.train import eval_batches
-
     search_spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, eval_seed=spec.train.eval_seed + 1))
-    search = eval_batches(search_spec)
+    search = tasks.eval_batches(search_spec)
     return gd1_line_search(np.concatenate([np.asarray(b.obs_BTS) for b in search]),
                            np.concatenate([np.asarray(b.targets_BTS) for b in search]))
 
@@ -76,10 +75,8 @@ def baseline_curves(spec: Spec, lam: float = 1e-3) -> tuple[dict[str, np.ndarray
     eta is line-searched on separate batches (keys from eval_seed + 1), not on the test batches.
     Returns ({name: curve [T]}, eta).
     """
-    from mesacli.train import eval_batches
-
     eta = gd1_search_eta(spec)
-    test = eval_batches(spec)
+    test = tasks.eval_batches(spec)
     gd, ridge = [], []
     for b in test:
         obs, tgt = np.asarray(b.obs_BTS), np.asarray(b.targets_BTS)

@@ -87,6 +87,25 @@ def dump_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def check_output_path(path: Path) -> None:
+    """MesaError if a user-named output file (--out) is a directory: checked before long work starts."""
+    if Path(path).is_dir():
+        raise MesaError(f"--out {path} is a directory; give a file name such as {Path(path) / 'results.json'}")
+
+
+def write_output_json(path: Path, data: Any, indent: int = 1) -> None:
+    """Write a user-named JSON output (--out) atomically, creating its folder; MesaError if it cannot be written."""
+    path = Path(path)
+    check_output_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(data, indent=indent) + "\n")
+        tmp.replace(path)
+    except OSError as err:
+        raise MesaError(f"cannot write {path}: {err.strerror or err}") from None
+
+
 def restore_latest(directory: Path, make_template: Any) -> tuple[Any, dict, int] | None:
     """(state, meta, step) of the latest checkpoint in ``directory``, or None if there is none.
 

@@ -12,10 +12,11 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from typer.core import TyperGroup
 
+from mesacli import render
 from mesacli.errors import MesaError
+from mesacli.probe.registry import ANALYSES
 
 app = typer.Typer(
     name="mesacli",
@@ -27,7 +28,6 @@ app = typer.Typer(
 # Not on a terminal (CI logs, pipes) rich would wrap tables at 80 columns: give it room.
 console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
 
 def _user_errors(fn: Callable) -> Callable:
@@ -35,7 +35,7 @@ def _user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from mesacli.train import TrainingDiverged
+        from mesacli.loop import TrainingDiverged
 
         try:
             return fn(*args, **kwargs)
@@ -62,32 +62,6 @@ def _runtime_settings() -> None:
     except ValueError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-
-
-def _loss_table(title: str, rows: list[tuple[str, object]], positions=(1, 5, 10, 25, 50)) -> Table:
-    """rows: (name, {"curve": per-position loss, optional "params", "steps", "seconds"})."""
-    import numpy as np
-
-    table = Table(title=title, title_justify="left")
-    table.add_column("model / baseline")
-    table.add_column("params", justify="right")
-    table.add_column("steps", justify="right")
-    table.add_column("time", justify="right")
-    table.add_column("test loss (seq. avg)", justify="right", style="bold")
-    for t in positions:
-        table.add_column(f"t={t}", justify="right")
-    for name, row in rows:
-        curve = np.asarray(row["curve"])
-        cells = [f"{curve[t - 1]:.4f}" if t <= len(curve) else "-" for t in positions]
-        table.add_row(
-            name,
-            f"{row['params']:,}" if row.get("params") else "-",
-            str(row["steps"]) if row.get("steps") else "-",
-            f"{row['seconds']:.0f}s" if row.get("seconds") else "-",
-            f"{float(np.mean(curve)):.4f}",
-            *cells,
-        )
-    return table
 
 
 def _stopped_early(result, total_steps: int, run_dir: Path) -> bool:
@@ -136,7 +110,8 @@ def train(
 ):
     """Train a model on a synthetic sequence task; resumes if RUN_DIR already has checkpoints."""
     from mesacli import distributed
-    from mesacli.spec import load_spec, spec_to_yaml
+    from mesacli.spec import load_spec
+    from mesacli.spec_loader import spec_to_yaml
 
     spec = load_spec(spec_path, list(overrides) + ([f"train.seeds={seeds}"] if seeds is not None else []))
     if dry_run:
@@ -158,21 +133,7 @@ def train(
         return  # process 0 reports
     if _stopped_early(result, spec.train.steps, run_dir):
         return
-    console.print(_loss_table(f"{spec.name} ({run_dir})", [(spec.name, {
-        "curve": result.eval_curve, "params": count_params(result.params), "steps": result.step,
-        "seconds": result.seconds})], positions=_positions(spec.task.seq_len)))
-    if result.eval_curves is not None and len(result.eval_curves) > 1:
-        from mesacli.train import replica_seeds
-
-        per_seed = result.eval_curves.mean(axis=1)
-        each = ", ".join(f"seed {s}: {x:.4f}" for s, x in zip(replica_seeds(spec.train), per_seed, strict=True))
-        console.print(f"{len(per_seed)} seeds: sequence-averaged test loss {per_seed.mean():.4f} "
-                      f"± {per_seed.std():.4f} ({each})")
-    console.print(f"outputs: {run_dir}/metrics.jsonl, eval_curve.json, loss_per_position.png, training_curve.png")
-
-
-def _positions(seq_len: int) -> tuple[int, ...]:
-    return tuple(sorted({1, 5, 10, seq_len // 2, seq_len}))
+    console.print(render.train_result(spec, run_dir, result, count_params(result.params)))
 
 
 @app.command("eval")
@@ -185,11 +146,7 @@ def evaluate(
     """Evaluate a checkpoint on the spec's fixed test batches (per-position loss), with baselines."""
     from mesacli.evaluate import evaluate_run
 
-    report = evaluate_run(run_dir, step, with_baselines=baselines)
-    rows = [(name, {"curve": curve, "steps": report.step if i == 0 else None})
-            for i, (name, curve) in enumerate(report.curves.items())]
-    console.print(_loss_table(f"{report.spec.name}: test loss", rows, positions=_positions(report.spec.task.seq_len)))
-    console.print(f"outputs: {report.json_path}, {report.plot_path}")
+    console.print(render.eval_report(evaluate_run(run_dir, step, with_baselines=baselines)))
 
 
 @app.command()
@@ -201,59 +158,8 @@ def quickstart(
     """The embedded default job (a few minutes on a laptop CPU): LSA-1 and Mesa-1 against GD-1 and ridge LSQ."""
     from mesacli.quickstart import run_quickstart
 
-    rows = run_quickstart(out_dir, progress=progress)
-    table = _loss_table("quick start: next-token test loss on linear dynamics (T=50, constructed tokens)",
-                        [(r.name, {"curve": r.curve, "params": r.params, "steps": r.steps, "seconds": r.seconds})
-                         for r in rows])
-    console.print(table)
+    console.print(render.quickstart_table(run_quickstart(out_dir, progress=progress)))
     console.print(f"results: {out_dir}/quickstart.json, figure: {out_dir}/comparison.png")
-
-
-def _fmt(x, digits: int = 2) -> str:
-    """Numbers for the bench table: '-' when missing, fewer decimals when large."""
-    if x is None:
-        return "-"
-    if x >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}f}" if x >= 1 else f"{x:.{digits + 1}g}"
-
-
-def _ratio_pair(a, b) -> str:
-    """'1.52× / 12.3×' for two ratios ('-' for a missing one)."""
-    def one(x):
-        return "-" if x is None else f"{x:.1f}×" if x >= 10 else f"{x:.2f}×"
-
-    return "-" if a is None and b is None else f"{one(a)} / {one(b)}"
-
-
-def _bench_table(result: dict) -> Table:
-    """One row per (T, kernel): times, memory, ratios to chunked linear attention, mesa speed-up."""
-    cfg = result["config"]
-    table = Table(title=f"attention kernels on {cfg['device']} (B={cfg['batch']}, H={cfg['heads']}, "
-                        f"D={cfg['d_head']}, chunk={cfg['chunk_size']}, {cfg['dtype']}, median of "
-                        f"{cfg['repeats']}; memory = compiled estimate; allocator {cfg.get('allocator', '?')})",
-                  title_justify="left")
-    for name, justify in [("T", "right"), ("kernel", "left"), ("fwd ms", "right"), ("fwd+bwd ms", "right"),
-                          ("fwd MiB", "right"), ("fwd+bwd MiB", "right"), ("time ×linear\nfwd / fwd+bwd", "right"),
-                          ("memory ×linear\nfwd / fwd+bwd", "right"), ("seq ÷ chunked\nfwd / fwd+bwd", "right"),
-                          ("note", "left")]:
-        table.add_column(name, justify=justify)
-    last_t = None
-    for row, ratio in zip(result["rows"], result["ratios"], strict=True):
-        if last_t is not None and row["T"] != last_t:
-            table.add_section()
-        last_t = row["T"]
-        note = "; ".join(x for x in (row["skipped"], row["note"]) if x)
-        table.add_row(
-            str(row["T"]), cfg["labels"][row["kernel"]], _fmt(row["fwd_ms"]), _fmt(row["fwd_bwd_ms"]),
-            _fmt(row["fwd_mem_mib"], 1), _fmt(row["fwd_bwd_mem_mib"], 1),
-            _ratio_pair(ratio["fwd_ms_vs_linear"], ratio["fwd_bwd_ms_vs_linear"]),
-            _ratio_pair(ratio["fwd_mem_mib_vs_linear"], ratio["fwd_bwd_mem_mib_vs_linear"]),
-            "" if row["kernel"] != "mesa_chunked" else _ratio_pair(ratio["seq_over_chunked_fwd"],
-                                                                  ratio["seq_over_chunked_fwd_bwd"]),
-            note,
-        )
-    return table
 
 
 @app.command()
@@ -275,25 +181,20 @@ def bench(
 ):
     """Compare attention kernels (softmax, chunked linear, sequential and chunked mesa): time and memory."""
     import contextlib
-    import json
 
     from mesacli.bench import BenchConfig, parse_int_list, parse_names, run_bench
+    from mesacli.checkpoint import check_output_path, write_output_json
 
     config = BenchConfig(batch=batch, heads=heads, seq_lens=parse_int_list(seq_lens, "--seq-lens"), d_head=d_head,
                          chunk_size=chunk_size, repeats=repeats, kernels=parse_names(kernels), dtype=dtype,
                          max_memory_gb=max_memory_gb, max_call_seconds=max_call_seconds).validate()
-    if out.is_dir():
-        raise MesaError(f"--out {out} is a directory; give a file name such as {out / 'bench.json'}")
+    check_output_path(out)
     live = progress and err_console.is_terminal  # a spinner on a terminal, one line per step in a log
     with err_console.status("benchmarking") if live else contextlib.nullcontext() as status:
         report = status.update if live else (lambda message: err_console.print(message, highlight=False))
         result = run_bench(config, progress=report if progress else None)
-    console.print(_bench_table(result))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-    except OSError as err:
-        raise MesaError(f"cannot write {out}: {err.strerror or err}") from None
+    console.print(render.bench_table(result))
+    write_output_json(out, result, indent=2)
     console.print(f"results: {out}")
 
 
@@ -309,25 +210,15 @@ def bench_seeds(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Say what is running on stderr."),
 ):
     """Training throughput: 1 seed, S seeds in one program (vmap), and S sequential runs."""
-    from mesacli.checkpoint import dump_json
+    from mesacli.checkpoint import write_output_json
     from mesacli.seeds_bench import run_seeds_bench
     from mesacli.spec import load_spec
 
     loaded = [load_spec(p, overrides) for p in spec_paths]
     say = (lambda message: err_console.print(message, highlight=False)) if progress else None
     results = [run_seeds_bench(spec, seeds=seeds, steps=steps, repeats=repeats, progress=say) for spec in loaded]
-    table = Table(title=f"training throughput on {results[0]['devices']} {results[0]['platform']} device(s), "
-                        f"median of {repeats} x {steps} steps")
-    for column in ("spec", "batch", "1 seed steps/s", f"{seeds} seeds in one program: steps/s",
-                   "replica-steps/s", f"{seeds} sequential runs: replica-steps/s", "speed-up", "compile s (1 / S)"):
-        table.add_column(column, justify="left" if column == "spec" else "right")
-    for r in results:
-        table.add_row(r["spec"], str(r["batch_size"]), f"{r['one_seed']['steps_per_s']:.2f}",
-                      f"{r['one_program']['steps_per_s']:.2f}", f"{r['one_program']['replica_steps_per_s']:.2f}",
-                      f"{r['sequential_runs']['replica_steps_per_s']:.2f}", f"{r['speedup_vs_sequential']:.2f}x",
-                      f"{r['one_seed']['compile_s']:.1f} / {r['one_program']['compile_s']:.1f}")
-    console.print(table)
-    dump_json(out, {"results": results})
+    console.print(render.seeds_bench_table(results, seeds, steps, repeats))
+    write_output_json(out, {"results": results})
     console.print(f"results: {out}")
 
 
@@ -336,9 +227,8 @@ def bench_seeds(
 def probe(
     run_dir: Path = typer.Argument(..., help="A run directory written by `mesacli train`."),
     analyses: List[str] = typer.Option([], "--analysis", "-a", metavar="NAME",
-                                       help="Analysis to run (repeatable or comma-separated): prop1, probes, "
-                                            "binding, sensitivity, prop2, compress, linearize. "
-                                            "Default: all that apply."),
+                                       help="Analysis to run (repeatable or comma-separated): "
+                                            f"{', '.join(ANALYSES)}. Default: all that apply."),
     step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the latest)."),
     seeds: int = typer.Option(5, help="Data seeds (probe batches) to average over."),
     batch_size: int = typer.Option(256, help="Sequences per probe batch."),
@@ -366,73 +256,19 @@ def probe(
     report = (lambda message: err_console.print(message, highlight=False)) if progress else None
     result = run_probe(run_dir, analyses, step=step, seeds=seeds, batch_size=batch_size, options=options,
                        report=report)
-    table = Table(title=f"mesacli probe: {run_dir} (step {result.step}, {result.seconds:.0f}s)", title_justify="left")
-    table.add_column("analysis")
-    table.add_column("key numbers")
-    for replica_seed, results in (result.per_replica or {None: result.results}).items():
-        for name, r in results.items():
-            table.add_row(name if replica_seed is None else f"{name} (seed {replica_seed})", _probe_headline(name, r))
-    for name, why in result.skipped.items():
-        table.add_row(name, f"skipped: {why}")
-    console.print(table)
-    where = result.summary_path.parent if not result.per_replica else result.summary_path.parent.parent
-    console.print(f"outputs: {where}/ (summary.md{', one folder per seed' if result.per_replica else ''}, "
-                  f"{len(result.files)} files from this call)")
-
-
-def _probe_headline(name: str, r: dict) -> str:
-    """One line of key numbers per analysis for the probe table."""
-    if name == "prop1":
-        loss = r["seq_avg_loss"]
-        return (f"loss model {loss['model']:.4f} vs GD-1 {loss['gd1']:.4f}; eta_eff {r['eta_eff']:.4f} vs "
-                f"line-searched {r['gd1_eta']:.4f}; prediction cosine {r['prediction_cosine']['mean']:.3f}")
-    if name == "probes":
-        t = str(r["t_report"])
-        nxt = r["at_positions"][t][r["targets"][0]]
-        return f"target probe at t={t} by layer: " + ", ".join(f"{x:.3g}" for x in nxt)
-    if name == "binding":
-        return f"R^2 of s_t' from layer 1 at t={r['position']}: " + ", ".join(
-            f"{t}:{x:.2f}" for t, x in zip(r["t_prime"], r["token_probe_r2"], strict=True))
-    if "seq_avg_loss" in r:
-        return "; ".join(f"{k} {v:.4f}" for k, v in r["seq_avg_loss"].items())
-    if "ratio" in r:
-        return f"loss ratio {r['ratio']}"
-    return "done"
+    console.print(render.probe_report(run_dir, result))
 
 
 @app.command()
-def specs():
-    """List the experiment specs shipped in experiments/ and what each reproduces."""
-    table = Table(title=f"specs in {EXPERIMENTS_DIR}", title_justify="left")
-    table.add_column("spec")
-    table.add_column("reproduces")
-    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
-        first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
-        table.add_row(path.name, first)
-    console.print(table)
+@_user_errors
+def specs(
+    directory: Optional[Path] = typer.Argument(None, metavar="[DIR]",
+                                               help="A folder of spec files (default: the shipped experiments/)."),
+):
+    """List the experiment specs (shipped with mesacli, or in DIR) and what each reproduces."""
+    from mesacli.spec_loader import list_spec_files
 
-
-def _icl_table(report) -> Table:
-    """Per-example label loss at examples 1, 5, 10, 20, 40, 68 (those that exist): mean +- std over seeds."""
-    from mesacli.icl import REPORT_EXAMPLES
-
-    shown = [i for i in REPORT_EXAMPLES if i <= report.n_examples] or [report.n_examples]
-    if report.n_examples not in shown and report.n_examples < REPORT_EXAMPLES[-1]:
-        shown.append(report.n_examples)
-    meta = report.meta
-    title = (f"{report.spec.name} @ step {report.step}: in-context regression label loss, mean ± std over "
-             f"{meta['seeds']} seeds x {meta['batch']} prompts (x ~ {meta['x_dist_source']})")
-    if meta["continual_switch_at"]:
-        title += f"; task switch after example {meta['continual_switch_at']}"
-    table = Table(title=title, title_justify="left")
-    table.add_column("model / baseline")
-    for i in shown:
-        table.add_column(f"i={i}", justify="right")
-    for name, curve in report.curves.items():
-        table.add_row(name, *[f"{curve['mean'][i - 1]:.4f} ± {curve['std'][i - 1]:.4f}" for i in shown])
-        if "median" in curve:
-            table.add_row(f"  {name.rsplit(' (', 1)[0]}, median", *[f"{curve['median'][i - 1]:.4f}" for i in shown])
-    return table
+    console.print(render.specs_table(*list_spec_files(directory)))
 
 
 @app.command("icl-eval")
@@ -451,12 +287,11 @@ def icl_eval(
     step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the latest)."),
 ):
     """Few-shot in-context regression with the frozen model (paper section 5), next to LSQ and GD-1 baselines."""
-    from mesacli.icl import icl_eval as run_icl_eval
+    from mesacli.icl.evaluate import icl_eval as run_icl_eval
 
     report = run_icl_eval(run_dir, prompt, n_examples=examples, seeds=seeds, batch=batch, lam=lam,
                           continual=continual, switch_at=switch_at, x_dist=x_dist, data_seed=data_seed, step=step)
-    console.print(_icl_table(report))
-    console.print(f"outputs: {report.json_path}, {report.plot_path}")
+    console.print(render.icl_report(report))
 
 
 @app.command("prompt-tune")
@@ -480,21 +315,16 @@ def prompt_tune(
     stop_at: Optional[int] = typer.Option(None, hidden=True, help="End the session after this step (testing)."),
 ):
     """Tune the EOS token and/or a prompt prefix of a frozen run on label-prediction loss; resumable."""
-    from mesacli.prompt_tune import TuneConfig
-    from mesacli.prompt_tune import prompt_tune as run_prompt_tune
+    from mesacli.icl.tune import TuneConfig
+    from mesacli.icl.tune import prompt_tune as run_prompt_tune
 
     cfg = TuneConfig(steps=steps, lr=lr, batch=batch, micro_batch=micro_batch, prefix_len=prefix_len,
                      n_examples=examples, x_dist=x_dist, seed=seed, checkpoint_every=checkpoint_every)
     results = run_prompt_tune(run_dir, what, cfg, progress=progress, model_step=step, stop_at_step=stop_at)
-    table = Table(title=f"prompt-tune {run_dir} (model frozen; label loss on held-out prompts)", title_justify="left")
-    for name in ("stage", "steps", "held-out before", "held-out after", "time", "outputs"):
-        table.add_column(name, justify="left" if name in ("stage", "outputs") else "right")
-    for r in results:
-        resumed = f" (resumed from {r.resumed_from})" if r.resumed_from is not None else ""
-        stage = r.stage if r.replica is None else f"{r.stage} (seed {r.replica})"
-        table.add_row(stage, f"{r.step}{resumed}", f"{r.heldout_before:.4f}", f"{r.heldout_after:.4f}",
-                      f"{r.seconds:.0f}s", f"{r.loss_path}, {r.plot_path}")
-    console.print(table)
+    console.print(render.prompt_tune_table(run_dir, results))
+    if results[-1].interrupted:  # SIGTERM or Ctrl-C: the step under way was saved
+        console.print(f"stopped at step {results[-1].step} of {steps}; run the same command again to resume")
+        raise typer.Exit(130)
     if results[-1].step < steps:
         console.print(f"stopped at step {results[-1].step} of {steps}; run the same command again to resume")
 
@@ -517,20 +347,6 @@ lm_app = typer.Typer(cls=_TrainByDefault, no_args_is_help=True, pretty_exception
 app.add_typer(lm_app, name="lm")
 
 
-def _lm_result_table(rows: list[dict], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for name in ("model", "layers", "params", "steps", "tokens", "wall time", "val loss (nats)", "bits/token",
-                 "perplexity", "ICL score"):
-        table.add_column(name, justify="left" if name in ("model", "layers") else "right")
-    for r in rows:
-        layers = "+".join(r["layers"]) + (" (MLP)" if r["mlp"] else "") + (" key-shift" if r["key_shift"] else "")
-        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f} s"
-        table.add_row(r["name"], layers, f"{r['params']:,}", str(r["steps"]), f"{r['tokens']:,}", seconds,
-                      f"{r['val_loss']:.4f}", f"{r['val_bits_per_token']:.4f}", f"{r['val_perplexity']:.2f}",
-                      f"{r['icl_score']:+.4f}")
-    return table
-
-
 @lm_app.command("train")
 @_user_errors
 def lm_train(
@@ -544,8 +360,9 @@ def lm_train(
 ):
     """Train and evaluate a language model; resumes if RUN_DIR already has checkpoints."""
     from mesacli.lm.spec import load_lm_spec
-    from mesacli.lm.train import EVAL_FILE, result_row, train_lm
-    from mesacli.spec import spec_to_yaml
+    from mesacli.lm.train import train_lm
+    from mesacli.rundir import LM_EVAL_FILE
+    from mesacli.spec_loader import spec_to_yaml
 
     spec = load_lm_spec(spec_path, overrides)
     if dry_run:
@@ -554,12 +371,11 @@ def lm_train(
     run_dir = run_dir or Path("runs") / spec.name
     result = train_lm(spec, run_dir, progress=progress, stop_at_step=stop_at,
                       say=lambda m: err_console.print(m, highlight=False))
-    console.print(_lm_result_table([result_row(result)], f"{spec.name}: validation at step {result.step} "
-                                   f"(ICL score = loss at token {spec.eval.icl_late} - loss at token "
-                                   f"{spec.eval.icl_early})"))
+    console.print(render.lm_table([result.row()], f"{spec.name}: validation at step {result.step} "
+                                                  f"({render.icl_score_title(spec)})"))
     if _stopped_early(result, spec.train.steps, run_dir):
         return
-    console.print(f"results: {run_dir / EVAL_FILE}, {run_dir / 'metrics.jsonl'}, figures in {run_dir}")
+    console.print(f"results: {run_dir / LM_EVAL_FILE}, {run_dir / 'metrics.jsonl'}, figures in {run_dir}")
 
 
 @lm_app.command("eval")
@@ -571,18 +387,14 @@ def lm_eval(
     out: Optional[Path] = typer.Option(None, help="Also write the rows (with per-position losses) to this JSON file."),
 ):
     """Re-evaluate trained language models on the validation split: loss, bits per token, perplexity, ICL score."""
-    import json
-
-    from mesacli.lm.train import evaluate_run
+    from mesacli.checkpoint import write_output_json
+    from mesacli.lm.evaluate import evaluate_run
 
     rows = [evaluate_run(run_dir, windows=windows, step=step) for run_dir in run_dirs]
     spec_eval = rows[0]
-    console.print(_lm_result_table(rows, f"validation on {spec_eval['windows']} windows"))
+    console.print(render.lm_table(rows, f"validation on {spec_eval['windows']} windows"))
     if out is not None:
-        try:
-            out.write_text(json.dumps(rows, indent=1) + "\n")
-        except OSError as err:
-            raise MesaError(f"cannot write {out}: {err.strerror or err}") from None
+        write_output_json(out, rows)
         console.print(f"rows: {out}")
 
 
@@ -598,7 +410,8 @@ def lm_generate(
     step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the latest)."),
 ):
     """Sample text with the recurrent (constant-memory) forms of the linear, DPFP and mesa layers."""
-    from mesacli.lm.train import generate, load_lm
+    from mesacli.lm.generate import generate
+    from mesacli.lm.state import load_lm
 
     spec, params, _, tokenizer = load_lm(run_dir, step)
     text = generate(params, spec, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -618,20 +431,12 @@ def lm_compare(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ):
     """Train several language models with the same budget and print validation loss and ICL score side by side."""
-    from mesacli.lm.spec import load_lm_spec
-    from mesacli.lm.train import compare_lms
+    from mesacli.lm.train import compare_lms, load_compare_specs
 
-    specs = []
-    for path in spec_paths:
-        extra = list(overrides)
-        if steps is not None:
-            probe = load_lm_spec(path, overrides)
-            extra += [f"train.steps={steps}", f"train.warmup_steps={min(probe.train.warmup_steps, steps // 10)}"]
-        specs.append(load_lm_spec(path, extra))
+    specs = load_compare_specs(spec_paths, overrides, steps)
     rows = compare_lms(specs, out_dir, progress=progress, say=lambda m: err_console.print(m, highlight=False))
-    early, late = specs[0].eval.icl_early, specs[0].eval.icl_late
-    console.print(_lm_result_table(rows, f"validation after {rows[0]['steps']} steps of {rows[0]['tokens']:,} tokens "
-                                         f"(ICL score = loss at token {late} - loss at token {early})"))
+    console.print(render.lm_table(rows, f"validation after {rows[0]['steps']} steps of {rows[0]['tokens']:,} tokens "
+                                        f"({render.icl_score_title(specs[0])})"))
     console.print(f"results: {out_dir / 'compare.json'}, figure: {out_dir / 'compare.png'}")
 
 

@@ -1,16 +1,40 @@
-"""Evaluate a run directory's checkpoint on its spec's fixed test batches, next to the baselines."""
+"""Test loss on a spec's fixed test batches: ``make_evaluator`` (used during training) and ``evaluate_run``
+(a run directory's checkpoint next to the baselines)."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any, Callable
 
+import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mesacli import baselines, plots
+from mesacli import baselines, model, plots, tasks
 from mesacli.checkpoint import dump_json
+from mesacli.rundir import replica_seeds
+from mesacli.sharding import make_mesh
 from mesacli.spec import Spec
-from mesacli.train import load_params, make_evaluator, make_mesh, replica_seeds
+from mesacli.state import load_params
+
+
+def make_evaluator(spec: Spec, mesh: Mesh, stacked: bool = False) -> Callable[[Any], np.ndarray]:
+    """params -> per-position test loss [T], the mean over the fixed test batches; with ``stacked``,
+    params with a leading replica axis -> [S, T]."""
+    batches = tasks.eval_batches(spec, sharding=NamedSharding(mesh, PartitionSpec("data")))
+
+    def curve(params, batch):
+        pred, _ = model.apply(params, batch.tokens_BTI, spec)
+        return tasks.per_position_loss(pred, batch.targets_BTS)
+
+    curve = jax.jit(jax.vmap(curve, in_axes=(0, None)) if stacked else curve,
+                    out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def evaluate(params) -> np.ndarray:
+        return np.mean([np.asarray(curve(params, b)) for b in batches], axis=0)
+
+    return evaluate
 
 
 @dataclasses.dataclass

@@ -15,8 +15,10 @@ from typing import Callable
 import jax
 
 from mesacli.errors import MesaError
+from mesacli.sharding import make_mesh
 from mesacli.spec import Spec
-from mesacli.train import init_state, make_mesh, make_train_step
+from mesacli.state import init_state
+from mesacli.train import make_train_step
 
 
 def _time_program(spec: Spec, steps: int, repeats: int) -> tuple[float, float]:

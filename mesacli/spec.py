@@ -1,25 +1,21 @@
 """Experiment specs: frozen dataclasses loaded strictly from YAML.
 
 A spec has three sections, ``task`` (the data), ``model`` (the Transformer) and ``train``
-(optimiser, schedule, checkpoints).  Loading is strict: an unknown key is an error with a
-did-you-mean hint, a value of the wrong type is an error, and shapes that cannot work
-together (e.g. constructed tokens that do not fit the embedding) are rejected before any
-JAX work starts.  ``--set section.key=value`` overrides are parsed as YAML.
+(optimiser, schedule, checkpoints).  Loading is strict (``mesacli.spec_loader``): an unknown key is an
+error with a did-you-mean hint, a value of the wrong type is an error, and shapes that cannot
+work together (e.g. constructed tokens that do not fit the embedding) are rejected by ``validate``
+before any JAX work starts.  ``--set section.key=value`` overrides are parsed as YAML.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mesacli.errors import MesaError
+from mesacli.spec_loader import build_spec, choice, positive, read_spec_file
 
 TASK_KINDS = ("linear", "partial", "nonlinear", "contracting", "fixed_teacher")
 ATTENTION_KINDS = ("linear", "softmax", "mesa")
@@ -129,132 +125,7 @@ class Spec:
         return (4 if self.task.token_format == "constructed" else 1) * self.task.obs_dim
 
 
-# ----------------------------------------------------------------------------- YAML loading
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-4 (no dot) as a float, as people write it."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise MesaError(f"{source}: YAML syntax error{where}: {problem}") from None
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted for floats, lists for tuples."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, path)
-            except MesaError as err:
-                errors.append(err)
-        raise errors[0]
-    if origin is tuple:
-        (item_tp, _) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise MesaError(f"{path}: expected a list, got {value!r}")
-        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MesaError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise MesaError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise MesaError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise MesaError(f"{path}: expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    raise TypeError(f"unsupported spec field type {_type_name(tp)}")  # a bug in this module
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    if data is None:
-        data = {}
-    where = f"{path}: " if path else ""
-    if not isinstance(data, dict):
-        raise MesaError(f"{where}expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f" (did you mean '{(path + '.') if path else ''}{close[0]}'?)" if close else ""
-            raise MesaError(f"unknown spec key '{full}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
-
-
-def _apply_override(data: dict, assignment: str) -> None:
-    if "=" not in assignment:
-        raise MesaError(f"--set {assignment!r}: expected KEY=VALUE, e.g. model.layers=4")
-    dotted, raw = assignment.split("=", 1)
-    keys = dotted.strip().split(".")
-    value = parse_yaml(raw, f"--set {dotted}") if raw.strip() else None
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise MesaError(f"--set {dotted}: '{key}' is not a section")
-    node[keys[-1]] = value
-
-
-def build_spec(cls: type, data: Any, overrides: typing.Sequence[str], check: typing.Callable[[Any], None]) -> Any:
-    """A spec of dataclass ``cls`` from parsed YAML: apply the ``--set`` overrides, build strictly, ``check``."""
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise MesaError(f"a spec must be a mapping of sections, got {type(data).__name__}")
-    data = _deepcopy(data)
-    for assignment in overrides:
-        _apply_override(data, assignment)
-    spec = _build(cls, data, "")
-    check(spec)
-    return spec
-
-
-def read_spec_file(path: str | Path) -> Any:
-    """The parsed YAML of a spec file (MesaError if it is missing, unreadable or not YAML)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MesaError(f"spec file not found: {path}")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise MesaError(f"cannot read spec file {path}: {err}") from None
-    return parse_yaml(text, str(path))
+# ----------------------------------------------------------------------------- loading
 
 
 def spec_from_dict(data: Any, overrides: typing.Sequence[str] = ()) -> Spec:
@@ -263,79 +134,30 @@ def spec_from_dict(data: Any, overrides: typing.Sequence[str] = ()) -> Spec:
     return build_spec(Spec, data, overrides, validate)
 
 
-def _deepcopy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deepcopy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deepcopy(v) for v in data]
-    return data
-
-
 def load_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> Spec:
     return spec_from_dict(read_spec_file(path), overrides)
-
-
-def spec_to_dict(spec: Spec) -> dict:
-    def convert(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return [convert(v) for v in value]
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        return value
-
-    return convert(dataclasses.asdict(spec))
-
-
-def spec_to_yaml(spec: Spec) -> str:
-    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
-
-
-def spec_diff(a: Spec, b: Spec) -> list[str]:
-    """Dotted keys whose values differ between two specs."""
-    da, db = spec_to_dict(a), spec_to_dict(b)
-    out = []
-    for section in da:
-        if isinstance(da[section], dict):
-            for key in da[section]:
-                if da[section][key] != db[section][key]:
-                    out.append(f"{section}.{key}: {da[section][key]!r} -> {db[section][key]!r}")
-        elif da[section] != db[section]:
-            out.append(f"{section}: {da[section]!r} -> {db[section]!r}")
-    return out
 
 
 # ----------------------------------------------------------------------------- validation
 
 
-def _choice(value: str, allowed: typing.Sequence[str], path: str) -> None:
-    if value not in allowed:
-        close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise MesaError(f"{path}: '{value}' is not one of {', '.join(allowed)}{hint}")
-
-
-def _positive(value: float, path: str) -> None:
-    if value <= 0:
-        raise MesaError(f"{path}: must be positive, got {value}")
-
-
 def validate(spec: Spec) -> None:
     """Reject values and shape combinations that cannot work, with a one-line reason."""
     task, model, train = spec.task, spec.model, spec.train
-    _choice(task.kind, TASK_KINDS, "task.kind")
-    _choice(task.init_dist, ("uniform", "normal"), "task.init_dist")
-    _choice(task.token_format, ("raw", "constructed"), "task.token_format")
-    _choice(model.attention, ATTENTION_KINDS, "model.attention")
+    choice(task.kind, TASK_KINDS, "task.kind")
+    choice(task.init_dist, ("uniform", "normal"), "task.init_dist")
+    choice(task.token_format, ("raw", "constructed"), "task.token_format")
+    choice(model.attention, ATTENTION_KINDS, "model.attention")
     if model.first_layer is not None:
-        _choice(model.first_layer, FIRST_LAYER_KINDS, "model.first_layer")
-    _choice(model.mesa_impl, MESA_IMPLS, "model.mesa_impl")
-    _choice(model.mesa_forget, MESA_FORGET, "model.mesa_forget")
+        choice(model.first_layer, FIRST_LAYER_KINDS, "model.first_layer")
+    choice(model.mesa_impl, MESA_IMPLS, "model.mesa_impl")
+    choice(model.mesa_forget, MESA_FORGET, "model.mesa_forget")
     if not 0 < model.mesa_gamma <= 1:
         raise MesaError(f"model.mesa_gamma: the forgetting factor must lie in (0, 1], got {model.mesa_gamma}")
     if model.mesa_lambda_init <= 0:
         raise MesaError(f"model.mesa_lambda_init: must be positive, got {model.mesa_lambda_init}")
-    _choice(train.schedule, ("constant", "warmup_cosine"), "train.schedule")
-    _choice(train.grad_clip_kind, ("elementwise", "global_norm"), "train.grad_clip_kind")
+    choice(train.schedule, ("constant", "warmup_cosine"), "train.schedule")
+    choice(train.grad_clip_kind, ("elementwise", "global_norm"), "train.grad_clip_kind")
     for path, value in [
         ("task.state_dim", task.state_dim), ("task.obs_dim", task.obs_dim), ("task.seq_len", task.seq_len),
         ("task.mlp_hidden", task.mlp_hidden), ("model.layers", model.layers), ("model.num_heads", model.num_heads),
@@ -347,17 +169,17 @@ def validate(spec: Spec) -> None:
         ("train.log_every", train.log_every), ("train.checkpoint_every", train.checkpoint_every),
         ("train.keep_checkpoints", train.keep_checkpoints), ("train.seeds", train.seeds),
     ]:
-        _positive(value, path)
+        positive(value, path)
     for path, value in [("task.state_noise", task.state_noise), ("task.obs_noise", task.obs_noise),
                         ("train.weight_decay", train.weight_decay), ("train.warmup_steps", train.warmup_steps)]:
         if value < 0:
             raise MesaError(f"{path}: must be >= 0, got {value}")
     if model.act_clip is not None:
-        _positive(model.act_clip, "model.act_clip")
+        positive(model.act_clip, "model.act_clip")
     if train.grad_clip is not None:
-        _positive(train.grad_clip, "train.grad_clip")
+        positive(train.grad_clip, "train.grad_clip")
     if train.micro_batch is not None:
-        _positive(train.micro_batch, "train.micro_batch")
+        positive(train.micro_batch, "train.micro_batch")
         if train.batch_size % train.micro_batch:
             raise MesaError(f"train.micro_batch ({train.micro_batch}) must divide train.batch_size "
                             f"({train.batch_size})")

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
 from mesacli.spec import Spec, TaskSpec
 
@@ -125,3 +126,12 @@ def per_position_loss(pred_BTS: jax.Array, target_BTS: jax.Array) -> jax.Array:
 def sequence_loss(pred_BTS: jax.Array, target_BTS: jax.Array) -> jax.Array:
     """Paper Eq. 1: half squared error summed over dimensions, averaged over batch and time."""
     return jnp.mean(per_position_loss(pred_BTS, target_BTS))
+
+
+def eval_batches(spec: Spec, batch_size: int | None = None, sharding: NamedSharding | None = None
+                 ) -> list[Batch]:
+    """The fixed test batches: keys fold_in(PRNGKey(eval_seed), i), i < eval_batches (placed with
+    ``sharding`` if given, e.g. over a mesh spanning several processes)."""
+    size = batch_size or spec.train.batch_size
+    sample = jax.jit(lambda key: sample_batch(key, spec, size), out_shardings=sharding)
+    return [sample(eval_batch_key(spec, i)) for i in range(spec.train.eval_batches)]

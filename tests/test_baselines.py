@@ -32,7 +32,7 @@ def test_gd1_line_search_is_the_best_eta():
     # the direction is one gradient step from Phi = 0 on 1/2 sum ||s_t' - Phi s_t'-1||^2
     b, t = 2, 6
     grad = -sum(np.outer(obs[b, i], obs[b, i - 1] if i else np.zeros(3)) for i in range(t + 1))
-    np.testing.assert_allclose(baselines.gd1_direction(obs)[b, t], -grad @ obs[b, t], rtol=1e-10)
+    np.testing.assert_allclose(baselines.gd1_sequence_direction(obs)[b, t], -grad @ obs[b, t], rtol=1e-10)
 
 
 def test_baseline_curves_on_the_task():

@@ -56,9 +56,19 @@ def test_dry_run_prints_the_resolved_spec(tiny_spec_file):
     assert yaml.safe_load(result.output)["model"]["layers"] == 5
 
 
-def test_specs_lists_the_experiments():
+def test_specs_lists_the_experiments(tmp_path):
+    from mesacli.spec_loader import EXPERIMENTS_DIR
+
     result = invoke("specs")
     assert result.exit_code == 0 and "lsa1_constructed.yaml" in result.output
+    assert EXPERIMENTS_DIR.parent.name == "mesacli"  # shipped inside the package, found when installed too
+    (tmp_path / "mine.yaml").write_text("# my own experiment\nname: mine\n")
+    result = invoke("specs", str(tmp_path))
+    assert result.exit_code == 0 and "mine.yaml" in result.output and "my own experiment" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(invoke("specs", empty), "no *.yaml spec")
+    assert_one_line_error(invoke("specs", tmp_path / "nowhere"), "is not a directory")
 
 
 def test_help():

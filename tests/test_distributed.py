@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from mesacli.train import load_params, train
+from mesacli.state import load_params
+from mesacli.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,11 +13,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mesacli import icl, model, tasks
+from mesacli import loop, model, rundir, tasks
 from mesacli.cli import app
 from mesacli.errors import MesaError
-from mesacli.prompt_tune import TuneConfig, load_tuned, make_tune_step, stage_dir, tune_stage
-from mesacli.train import load_params, train
+from mesacli.icl import baselines, evaluate, prompts, tune
+from mesacli.icl.tokens import load_tuned, stage_dir
+from mesacli.icl.tune import TuneConfig, make_tune_step, tune_stage
+from mesacli.state import load_params
+from mesacli.train import train
 from tests.conftest import TINY, merge, tiny_spec
 
 N_S = 3
@@ -47,16 +50,16 @@ def test_prompt_builder_places_x_y_eos_and_prefix_and_cuts_to_seq_len():
     y = -x
     eos, prefix = jnp.full((s,), 100.0), 200.0 + jnp.arange(2 * s, dtype=jnp.float32).reshape(2, s)
 
-    plain = icl.make_layout(seq_len=50, n_examples=n, eos=False)
-    seq = np.asarray(icl.build_prompt(x, y, plain))
+    plain = prompts.make_layout(seq_len=50, n_examples=n, eos=False)
+    seq = np.asarray(prompts.build_prompt(x, y, plain))
     assert seq.shape == (b, 2 * n, s)
     for i in range(n):
         np.testing.assert_array_equal(seq[:, 2 * i], x[:, i])
         np.testing.assert_array_equal(seq[:, 2 * i + 1], y[:, i])
     np.testing.assert_array_equal(plain.x_positions, [0, 2, 4, 6])
 
-    lay = icl.make_layout(seq_len=13, n_examples=n, eos=True, prefix_len=2)  # full length 2 + 12 = 14, cut to 13
-    seq = np.asarray(icl.build_prompt(x, y, lay, eos, prefix))
+    lay = prompts.make_layout(seq_len=13, n_examples=n, eos=True, prefix_len=2)  # full length 2 + 12 = 14, cut to 13
+    seq = np.asarray(prompts.build_prompt(x, y, lay, eos, prefix))
     assert seq.shape == (b, 13, s) and lay.length == 13
     np.testing.assert_array_equal(seq[:, :2], np.broadcast_to(prefix, (b, 2, s)))
     np.testing.assert_array_equal(lay.x_positions, [2, 5, 8, 11])
@@ -70,27 +73,27 @@ def test_prompt_builder_places_x_y_eos_and_prefix_and_cuts_to_seq_len():
 
 
 def test_context_capacity_matches_the_paper_and_too_many_examples_is_an_error():
-    assert icl.max_examples(224, eos=True, prefix_len=20) == 68  # the paper's 68 examples
-    assert icl.max_examples(224, eos=False, prefix_len=0) == 112
-    assert icl.max_examples(224, eos=True, prefix_len=0) == 75  # x_75 sits at position 222 < 224
+    assert prompts.max_examples(224, eos=True, prefix_len=20) == 68  # the paper's 68 examples
+    assert prompts.max_examples(224, eos=False, prefix_len=0) == 112
+    assert prompts.max_examples(224, eos=True, prefix_len=0) == 75  # x_75 sits at position 222 < 224
     with pytest.raises(MesaError, match="holds at most 5 examples"):
-        icl.make_layout(seq_len=16, n_examples=6, eos=True, prefix_len=2)
+        prompts.make_layout(seq_len=16, n_examples=6, eos=True, prefix_len=2)
     with pytest.raises(MesaError, match="observes obs_dim=5 of state_dim=15"):
-        icl.check_task_hosts_prompt(tiny_spec(task={"kind": "partial", "state_dim": 15, "obs_dim": 5}).task)
+        prompts.check_task_hosts_prompt(tiny_spec(task={"kind": "partial", "state_dim": 15, "obs_dim": 5}).task)
 
 
 def test_constructed_tokens_of_a_prompt_come_from_make_tokens():
     spec = tiny_spec(task={"state_dim": N_S, "obs_dim": N_S, "token_format": "constructed"})
-    x, y = icl.sample_regression(jax.random.PRNGKey(0), N_S, 3, 2)
-    lay = icl.make_layout(16, 3, eos=True)
-    tok = np.asarray(tasks.make_tokens(spec.task, icl.build_prompt(x, y, lay, jnp.ones(N_S))))
+    x, y = prompts.sample_regression(jax.random.PRNGKey(0), N_S, 3, 2)
+    lay = prompts.make_layout(16, 3, eos=True)
+    tok = np.asarray(tasks.make_tokens(spec.task, prompts.build_prompt(x, y, lay, jnp.ones(N_S))))
     assert tok.shape == (2, 9, 4 * N_S)
     np.testing.assert_array_equal(tok[:, 3, N_S:2 * N_S], x[:, 1])  # e_t = [0, s_t, s_t, s_{t-1}]
     np.testing.assert_array_equal(tok[:, 3, 3 * N_S:], np.ones((2, N_S)))  # s_{t-1} = EOS
 
 
 def test_labels_come_from_an_orthogonal_teacher_and_the_continual_prompt_switches_it():
-    x, y = icl.sample_regression(jax.random.PRNGKey(1), N_S, 40, 2, switch_at=20)
+    x, y = prompts.sample_regression(jax.random.PRNGKey(1), N_S, 40, 2, switch_at=20)
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     assert x.min() >= -1 and x.max() <= 1
     w = []
@@ -99,7 +102,7 @@ def test_labels_come_from_an_orthogonal_teacher_and_the_continual_prompt_switche
         np.testing.assert_allclose(sol @ sol.T, np.eye(N_S), atol=0.03)  # orthogonal up to the 0.01 noise
         w.append(sol)
     assert np.abs(w[0] - w[1]).max() > 0.1  # a new W* after the switch
-    xn, _ = icl.sample_regression(jax.random.PRNGKey(1), N_S, 400, 1, x_dist="normal")
+    xn, _ = prompts.sample_regression(jax.random.PRNGKey(1), N_S, 400, 1, x_dist="normal")
     assert np.abs(np.asarray(xn)).max() > 1.5
 
 
@@ -107,14 +110,14 @@ def test_labels_come_from_an_orthogonal_teacher_and_the_continual_prompt_switche
 
 
 def _data(batch=3, n=9, seed=2):
-    x, y = icl.sample_regression(jax.random.PRNGKey(seed), N_S, n, batch)
+    x, y = prompts.sample_regression(jax.random.PRNGKey(seed), N_S, n, batch)
     return np.asarray(x, np.float64), np.asarray(y, np.float64)
 
 
 def test_autoregressive_lsq_matches_a_direct_solve_over_all_consecutive_pairs():
     x, y = _data()
     lam = 1e-3
-    pred = icl.ar_ridge_predictions(x, y, lam)
+    pred = baselines.ar_ridge_predictions(x, y, lam)
     for b in range(x.shape[0]):
         seq = [v for i in range(x.shape[1]) for v in (x[b, i], y[b, i])]
         for i in range(x.shape[1]):
@@ -128,7 +131,7 @@ def test_autoregressive_lsq_matches_a_direct_solve_over_all_consecutive_pairs():
 def test_proper_lsq_matches_a_direct_solve_on_the_xy_pairs():
     x, y = _data()
     lam = 0.3
-    pred = icl.ridge_xy_predictions(x, y, lam)
+    pred = baselines.ridge_xy_predictions(x, y, lam)
     for b in range(x.shape[0]):
         for i in range(x.shape[1]):
             xs, ys = x[b, :i], y[b, :i]
@@ -136,18 +139,18 @@ def test_proper_lsq_matches_a_direct_solve_on_the_xy_pairs():
             np.testing.assert_allclose(pred[b, i], w @ x[b, i], rtol=1e-7, atol=1e-9)
     # with enough pairs and tiny lambda it recovers W* up to the label noise
     x, y = _data(batch=2, n=60)
-    loss = icl.losses_BN(icl.ridge_xy_predictions(x, y, 1e-6), y)
+    loss = baselines.losses_BN(baselines.ridge_xy_predictions(x, y, 1e-6), y)
     assert loss[:, -10:].mean() < 5e-4
 
 
 def test_gd1_line_search_is_the_minimum_over_a_brute_force_grid():
     x, y = _data(batch=8, n=12)
-    eta = icl.gd1_line_search(x, y)
+    eta = baselines.gd1_xy_line_search(x, y)
     g = np.zeros_like(y)
     for b in range(x.shape[0]):
         for i in range(x.shape[1]):
             g[b, i] = sum(y[b, j] * (x[b, j] @ x[b, i]) for j in range(i))  # one GD step from W = 0
-    np.testing.assert_allclose(icl.gd1_direction(x, y), g, rtol=1e-10)
+    np.testing.assert_allclose(baselines.gd1_xy_direction(x, y), g, rtol=1e-10)
     grid = np.linspace(0.5 * eta, 1.5 * eta, 2001)
     losses = [np.sum((y - e * g) ** 2) for e in grid]
     assert abs(grid[int(np.argmin(losses))] - eta) <= grid[1] - grid[0]
@@ -159,17 +162,17 @@ def test_gd1_line_search_is_the_minimum_over_a_brute_force_grid():
 
 def test_the_prediction_for_y_i_is_read_at_x_i(tiny_run):
     spec, params, _ = load_params(tiny_run)
-    x, y = icl.sample_regression(jax.random.PRNGKey(3), N_S, 4, 2)
+    x, y = prompts.sample_regression(jax.random.PRNGKey(3), N_S, 4, 2)
     eos, prefix = jnp.ones(N_S), jnp.zeros((2, N_S))
-    lay = icl.make_layout(SEQ_LEN, 4, eos=True, prefix_len=2)
-    losses = icl.model_losses_BN(params, spec, lay, x, y, eos, prefix)
+    lay = prompts.make_layout(SEQ_LEN, 4, eos=True, prefix_len=2)
+    losses = prompts.model_losses_BN(params, spec, lay, x, y, eos, prefix)
     seq = jnp.concatenate([jnp.broadcast_to(prefix, (2, 2, N_S)),
                            jnp.stack([x, y, jnp.broadcast_to(eos, x.shape)], 2).reshape(2, 12, N_S)], 1)
     pred, _ = model.apply(params, seq, spec)
     by_hand = 0.5 * np.sum((np.asarray(pred)[:, [2, 5, 8, 11]] - np.asarray(y)) ** 2, -1)
     np.testing.assert_allclose(losses, by_hand, rtol=1e-5)
     # causality: changing y_2 leaves the predictions for examples 1 and 2 alone and changes example 3's
-    changed = icl.model_losses_BN(params, spec, lay, x, y.at[:, 1].add(1.0), eos, prefix)
+    changed = prompts.model_losses_BN(params, spec, lay, x, y.at[:, 1].add(1.0), eos, prefix)
     np.testing.assert_allclose(changed[:, :1], losses[:, :1], rtol=1e-6)
     assert np.abs(changed[:, 2] - losses[:, 2]).max() > 1e-6
 
@@ -182,17 +185,17 @@ def test_prompt_tuning_the_eos_reduces_held_out_label_loss(tiny_run, tmp_path):
     assert result.step == 40 and result.heldout_after < 0.97 * result.heldout_before
     spec, params, _ = load_params(run)
     # the initial state is placed like the params: one trace and compile for all 40 steps (not one more at step 2)
-    _, step_fn = make_tune_step(spec, icl.make_layout(SEQ_LEN, 5, eos=True), "eos", cfg.lr, cfg.batch, cfg.x_dist,
+    _, step_fn = make_tune_step(spec, prompts.make_layout(SEQ_LEN, 5, eos=True), "eos", cfg.lr, cfg.batch, cfg.x_dist,
                                 cfg.seed, cfg.micro_batch)
     assert step_fn._cache_size() == 1
     # independent held-out prompts (another seed): tuned EOS beats the initial N(0, I) EOS
-    lay = icl.make_layout(SEQ_LEN, 6, eos=True)  # all 6 examples that fit (tuned on 5)
-    x, y = icl.sample_regression(jax.random.PRNGKey(99), N_S, lay.n_examples, 256)
-    init = jax.random.normal(icl.icl_key("init", 0, 0), (N_S,))
+    lay = prompts.make_layout(SEQ_LEN, 6, eos=True)  # all 6 examples that fit (tuned on 5)
+    x, y = prompts.sample_regression(jax.random.PRNGKey(99), N_S, lay.n_examples, 256)
+    init = jax.random.normal(prompts.icl_key("init", 0, 0), (N_S,))
     tuned = load_tuned(run, N_S)["eos"]
     np.testing.assert_array_equal(tuned, result.tokens)
-    before = icl.model_losses_BN(params, spec, lay, x, y, init).mean()
-    after = icl.model_losses_BN(params, spec, lay, x, y, tuned).mean()
+    before = prompts.model_losses_BN(params, spec, lay, x, y, init).mean()
+    after = prompts.model_losses_BN(params, spec, lay, x, y, tuned).mean()
     assert after < 0.97 * before
     with pytest.raises(MesaError, match="token size mismatch"):
         load_tuned(run, N_S + 1)
@@ -201,7 +204,7 @@ def test_prompt_tuning_the_eos_reduces_held_out_label_loss(tiny_run, tmp_path):
 def test_micro_batched_tune_step_gives_the_full_batch_update(tiny_run):
     """The prefix step accumulated over 4 micro-batches of 8 prompts equals one pass over the 32 prompts."""
     spec, params, _ = load_params(tiny_run)
-    lay = icl.make_layout(SEQ_LEN, 4, eos=True, prefix_len=2)
+    lay = prompts.make_layout(SEQ_LEN, 4, eos=True, prefix_len=2)
     tokens = jax.random.normal(jax.random.PRNGKey(3), (2, N_S))
     results = []
     for micro in (None, 8):
@@ -240,11 +243,9 @@ def test_sigterm_stops_prompt_tuning_after_the_step_with_a_checkpoint(tiny_run, 
     import os
     import signal
 
-    from mesacli import prompt_tune
-
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    original = prompt_tune.make_tune_step
+    original = tune.make_tune_step
 
     def terminating_at_the_third_step(*args):
         tx, step_fn = original(*args)
@@ -258,14 +259,61 @@ def test_sigterm_stops_prompt_tuning_after_the_step_with_a_checkpoint(tiny_run, 
 
         return tx, step
 
-    monkeypatch.setattr(prompt_tune, "make_tune_step", terminating_at_the_third_step)
+    monkeypatch.setattr(tune, "make_tune_step", terminating_at_the_third_step)
     cfg = TuneConfig(steps=12, lr=0.05, batch=32, n_examples=5, checkpoint_every=12, log_every=2)
-    with pytest.raises(KeyboardInterrupt):
-        tune_stage(run, "eos", cfg, progress=False, heldout=False)
-    assert load_tuned(run, N_S)["eos_step"] == 3  # that step finished and was saved
-    monkeypatch.setattr(prompt_tune, "make_tune_step", original)
+    stopped = tune_stage(run, "eos", cfg, progress=False, heldout=False)
+    assert stopped.interrupted and stopped.step == 3  # returned, not raised: the step under way finished
+    assert load_tuned(run, N_S)["eos_step"] == 3  # ... and was saved
+    np.testing.assert_array_equal(load_tuned(run, N_S)["eos"], stopped.tokens)
+    assert [s for s, _ in stopped.losses] == [2, 3]  # the log was flushed up to the stop
+    monkeypatch.setattr(tune, "make_tune_step", original)
     resumed = tune_stage(run, "eos", cfg, progress=False, heldout=False)
-    assert resumed.resumed_from == 3 and resumed.step == 12
+    assert resumed.resumed_from == 3 and resumed.step == 12 and not resumed.interrupted
+    log = [json.loads(line)["step"] for line in (run / "prompt_tune/eos/loss.jsonl").read_text().splitlines()]
+    assert log == [2, 3, 4, 6, 8, 10, 12]
+
+
+def test_a_non_finite_tuning_loss_stops_with_the_last_checkpoint_kept(tiny_run, tmp_path, monkeypatch):
+    """A step whose label loss is NaN raises TrainingDiverged (exit 1 in the CLI) naming the stage's last good
+    checkpoint, which stays loadable; nothing after it is logged."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    original = tune.make_tune_step
+
+    def nan_from_call(first_bad):
+        def make(*args):
+            tx, step_fn = original(*args)
+            calls = []
+
+            def step(state, params):
+                calls.append(1)
+                state, value = step_fn(state, params)
+                return state, value * jnp.nan if len(calls) >= first_bad else value
+
+            return tx, step
+
+        return make
+
+    monkeypatch.setattr(tune, "make_tune_step", nan_from_call(5))
+    cfg = TuneConfig(steps=8, lr=0.05, batch=32, n_examples=5, checkpoint_every=2, log_every=2)
+    with pytest.raises(loop.TrainingDiverged, match="try a smaller --lr") as err:
+        tune_stage(run, "eos", cfg, progress=False, heldout=False)
+    message = str(err.value)
+    assert "at step 5" in message and "last good checkpoint: step 4" in message
+    assert str(stage_dir(run, "eos") / "checkpoints") in message
+    tuned = load_tuned(run, N_S)
+    assert tuned["eos_step"] == 4 and np.all(np.isfinite(tuned["eos"]))
+    log = [json.loads(line)["step"] for line in (run / "prompt_tune/eos/loss.jsonl").read_text().splitlines()]
+    assert log == [2, 4]
+    # the CLI: resumes from step 4, diverges at once, one error line and exit code 1
+    monkeypatch.setattr(tune, "make_tune_step", nan_from_call(1))
+    out = runner.invoke(app, ["prompt-tune", str(run), "--steps", "8", "--batch", "32", "--lr", "0.05",
+                              "--examples", "5", "--checkpoint-every", "2", "--no-progress"])
+    assert out.exit_code == 1, out.output
+    lines = [line for line in out.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "try a smaller --lr" in lines[0], out.output
+    assert "last good checkpoint: step 4" in lines[0]
+    assert load_tuned(run, N_S)["eos_step"] == 4
 
 
 def test_a_prefix_tuned_with_an_older_eos_is_not_resumed(tiny_run, tmp_path):
@@ -359,30 +407,29 @@ def test_tokens_tuned_on_another_model_checkpoint_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_icl_eval_analyses_every_replica_of_a_multi_seed_run(tmp_path):
-    from mesacli.prompt_tune import prompt_tune
-
     spec = tiny_spec(task={"state_dim": N_S, "obs_dim": N_S, "seq_len": SEQ_LEN},
                      train={"steps": 4, "seeds": 2, "seed": 7, "eval_every": 4, "checkpoint_every": 4})
     run = tmp_path / "seeds"
     train(spec, run, progress=False)
-    report = icl.icl_eval(run, "plain", seeds=2, batch=8, write=False)
+    report = evaluate.icl_eval(run, "plain", seeds=2, batch=8, write=False)
     curve = report.curves["model (plain)"]
     assert report.meta["replica_seeds"] == [7, 8] and sorted(curve["per_replica"]) == ["7", "8"]
     per_replica = np.array([curve["per_replica"][s] for s in ("7", "8")])
     np.testing.assert_allclose(per_replica.mean(0), curve["mean"], rtol=1e-6)
     assert not np.allclose(per_replica[0], per_replica[1])
     # prompt-tune tunes every replica (its own tokens in prompt_tune/seed<k>/); icl-eval uses each one's
-    stages = prompt_tune(run, "eos", TuneConfig(steps=2, batch=4, n_examples=4, checkpoint_every=2), progress=False)
+    stages = tune.prompt_tune(run, "eos", TuneConfig(steps=2, batch=4, n_examples=4, checkpoint_every=2),
+                              progress=False)
     assert [(r.stage, r.replica) for r in stages] == [("eos", 7), ("eos", 8)]
     tuned = {s: icl_load(run, s) for s in (7, 8)}
     assert not np.allclose(tuned[7], tuned[8])  # different models, different gradients
-    report = icl.icl_eval(run, "eos", n_examples=4, seeds=1, batch=8, write=False)
+    report = evaluate.icl_eval(run, "eos", n_examples=4, seeds=1, batch=8, write=False)
     assert "model (EOS)" in report.curves and report.meta["eos_source"]["eos"] == "tuned"
     for seed in (7, 8):  # each replica is evaluated with its own tuned EOS
         _, params = dict(enumerate(replicas_of(run)))[seed - 7]
-        x, y = icl.sample_regression(icl.icl_key("eval", 0, 0), N_S, 4, 8, "uniform", None)
-        layout = icl.make_layout(SEQ_LEN, 4, True, 0)
-        own = icl.model_losses_BN(params, load_params(run)[0], layout, x, y, tuned[seed], None).mean(0)
+        x, y = prompts.sample_regression(prompts.icl_key("eval", 0, 0), N_S, 4, 8, "uniform", None)
+        layout = prompts.make_layout(SEQ_LEN, 4, True, 0)
+        own = prompts.model_losses_BN(params, load_params(run)[0], layout, x, y, tuned[seed], None).mean(0)
         np.testing.assert_allclose(report.curves["model (EOS)"]["per_replica"][str(seed)], own, rtol=1e-5)
     with pytest.raises(MesaError, match="holds 2 replicas"):
         tune_stage(run, "eos", TuneConfig(steps=1, batch=4, n_examples=4), progress=False)
@@ -393,7 +440,5 @@ def icl_load(run, seed):
 
 
 def replicas_of(run):
-    from mesacli.train import replicas
-
     spec, params, _ = load_params(run)
-    return replicas(spec, params)
+    return rundir.replicas(spec, params)

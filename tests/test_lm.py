@@ -18,9 +18,11 @@ from mesacli.cli import app
 from mesacli.errors import MesaError
 from mesacli.layers import sinusoidal_encoding
 from mesacli.lm import model
+from mesacli.lm.generate import generate
 from mesacli.lm.spec import lm_spec_from_dict, load_lm_spec
-from mesacli.lm.train import generate, load_lm, train_lm
-from mesacli.spec import spec_to_yaml
+from mesacli.lm.state import load_lm
+from mesacli.lm.train import train_lm
+from mesacli.spec_loader import spec_to_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 LM_SPECS = sorted((ROOT / "experiments").glob("lm-*.yaml"))

@@ -12,7 +12,9 @@ from pathlib import Path
 SCRIPT = textwrap.dedent(
     """
     import jax, numpy as np
-    from mesacli.train import init_state, make_mesh, make_train_step
+    from mesacli.sharding import make_mesh
+    from mesacli.state import init_state
+    from mesacli.train import make_train_step
     from tests.conftest import tiny_spec
 
     assert jax.device_count() == 4, jax.devices()
@@ -57,7 +59,7 @@ SCRIPT = textwrap.dedent(
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # a batch that does not divide over the devices is a clear error
     from mesacli.errors import MesaError
-    from mesacli.train import check_batch_divides
+    from mesacli.sharding import check_batch_divides
     try:
         check_batch_divides(6, make_mesh())
     except MesaError as err:

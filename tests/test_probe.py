@@ -42,7 +42,7 @@ def test_gd1_closed_form_line_search_matches_a_brute_force_grid():
     obs, tgt = s[:, :-1], s[:, 1:]
     eta = baselines.gd1_line_search(obs, tgt)
     grid = np.linspace(-0.5, 0.5, 20001)
-    g = baselines.gd1_direction(obs)
+    g = baselines.gd1_sequence_direction(obs)
     losses = [np.sum((tgt - e * g) ** 2) for e in grid]
     assert abs(grid[int(np.argmin(losses))] - eta) <= grid[1] - grid[0]
     assert np.sum((tgt - eta * g) ** 2) <= min(losses) + 1e-9
@@ -51,7 +51,7 @@ def test_gd1_closed_form_line_search_matches_a_brute_force_grid():
 def test_gd1_direction_in_jax_matches_the_numpy_baseline():
     obs = random_obs(1)[:, :-1]
     np.testing.assert_allclose(np.asarray(prop1.gd1_direction_jax(jnp.asarray(obs, jnp.float32))),
-                               baselines.gd1_direction(obs), rtol=1e-4, atol=1e-5)
+                               baselines.gd1_sequence_direction(obs), rtol=1e-4, atol=1e-5)
 
 
 def test_lstsq_probe_recovers_a_known_linear_map_and_uses_the_papers_mse():
@@ -256,8 +256,31 @@ def test_probe_writes_every_analysis(probed, tiny_run):
     assert not probed.skipped
 
 
+def test_every_registered_analysis_owns_its_summary_section_and_headline(probed, tiny_run):
+    """Each analysis module has the registry's interface, and its section of summary.md and its headline in
+    the probe table are built from its own JSON (one file and one registry line per analysis)."""
+    from mesacli.probe import registry
+
+    text = (tiny_run / "probe" / "summary.md").read_text()
+    assert list(probed.results) == list(registry.ANALYSES)  # every analysis ran, in registry order
+    for name, result in probed.results.items():
+        analysis = registry.module(name)
+        assert analysis.TITLE and analysis.DESCRIPTION and callable(analysis.run)
+        section = analysis.summary(result)
+        assert section and all(isinstance(line, str) for line in section)
+        assert f"## {analysis.TITLE} (`{name}`, step {result['step']})" in text
+        assert "\n".join(section) in text
+        line = registry.headline(name, result)
+        assert isinstance(line, str) and line and "\n" not in line
+    prop1 = probed.results["prop1"]
+    expected = f"eta_eff {prop1['eta_eff']:.4f} vs line-searched {prop1['gd1_eta']:.4f}"
+    assert expected in registry.headline("prop1", prop1)
+
+
 def test_prop1_on_the_tiny_run_agrees_with_the_eval_path(probed, tiny_run):
-    from mesacli.train import load_params, make_evaluator, make_mesh
+    from mesacli.evaluate import make_evaluator
+    from mesacli.sharding import make_mesh
+    from mesacli.state import load_params
 
     r = probed.results["prop1"]
     spec, params, _ = load_params(tiny_run)
@@ -348,7 +371,7 @@ def test_prop2_on_the_tiny_run(probed):
 
 
 def test_compress_on_the_tiny_run(probed, tiny_run):
-    from mesacli.train import load_params
+    from mesacli.state import load_params
 
     r = probed.results["compress"]
     spec, params, _ = load_params(tiny_run)
@@ -366,7 +389,7 @@ def test_compress_on_the_tiny_run(probed, tiny_run):
 
 
 def test_linearize_on_the_tiny_run(probed, tiny_run):
-    from mesacli.train import load_params
+    from mesacli.state import load_params
 
     r = probed.results["linearize"]
     row = r["per_layer"][0]

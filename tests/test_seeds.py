@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from mesacli.train import init_state, load_params, make_mesh, make_train_step, replicas, train
+from mesacli.rundir import replicas
+from mesacli.sharding import make_mesh
+from mesacli.state import init_state, load_params
+from mesacli.train import make_train_step, train
 from tests.conftest import tiny_spec
 
 

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from mesacli.errors import MesaError
-from mesacli.spec import Spec, load_spec, spec_from_dict, spec_to_yaml
+from mesacli.spec import Spec, load_spec, spec_from_dict
+from mesacli.spec_loader import spec_to_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p for p in (ROOT / "experiments").glob("*.yaml") if not p.name.startswith("lm-")) + sorted(
@@ -46,7 +47,7 @@ def test_paper_models_have_the_paper_shapes():
 def test_defaults_and_scientific_notation():
     spec = spec_from_dict({"train": {"lr": 1e-4}})
     assert spec == Spec(train=spec.train) and spec.train.lr == 1e-4
-    from mesacli.spec import parse_yaml
+    from mesacli.spec_loader import parse_yaml
 
     assert parse_yaml("lr: 1e-4", "x")["lr"] == pytest.approx(1e-4)
     assert isinstance(parse_yaml("lr: 3E+2", "x")["lr"], float)

@@ -11,18 +11,10 @@ import pytest
 from mesacli import tasks
 from mesacli.checkpoint import Checkpoints
 from mesacli.errors import MesaError
-from mesacli.train import (
-    TrainingDiverged,
-    accumulated_value_and_grad,
-    init_state,
-    load_params,
-    loss_fn,
-    make_mesh,
-    make_optimizer,
-    make_schedule,
-    make_train_step,
-    train,
-)
+from mesacli.loop import TrainingDiverged, accumulated_value_and_grad
+from mesacli.sharding import make_mesh
+from mesacli.state import init_state, load_params, make_optimizer, make_schedule
+from mesacli.train import loss_fn, make_train_step, train
 from tests.conftest import tiny_spec
 
 
@@ -89,7 +81,7 @@ def test_training_reduces_test_loss(tmp_path):
     # one teacher W* shared by all sequences: a tiny model can learn it in its weights within 60 steps
     spec = tiny_spec(task={"kind": "fixed_teacher"},
                      train={"steps": 60, "lr": 1e-2, "eval_every": 60, "checkpoint_every": 60, "log_every": 10})
-    from mesacli.train import make_evaluator
+    from mesacli.evaluate import make_evaluator
 
     initial = make_evaluator(spec, make_mesh())(init_state(spec, make_mesh())["params"]).mean()
     result = train(spec, tmp_path / "run", progress=False)

@@ -314,3 +314,12 @@ def eval_windows(tokens: np.ndarray, length: int, count: int) -> np.ndarray:
         return np.zeros((0, length), np.int32)
     starts = np.unique(np.linspace(0, last, num=min(count, last + 1)).round().astype(np.int64))
     return np.stack([np.asarray(tokens[s:s + length]) for s in starts]).astype(np.int32)
+
+
+def corpus_for(spec, run_dir: Path, progress: Callable[[str], None] | None = None) -> TokenData:
+    """The tokens of an LM spec (``LMSpec``): cached under data.cache_dir or RUN_DIR/data, checked against the
+    context length."""
+    cache = Path(spec.data.cache_dir) if spec.data.cache_dir else run_dir / "data"
+    data = prepare_corpus(spec.data, cache, progress)
+    check_context(data, spec.model.context)
+    return data

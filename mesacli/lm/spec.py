@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mesacli.errors import MesaError
-from mesacli.spec import _choice, _positive, build_spec, read_spec_file
+from mesacli.spec_loader import build_spec, choice, positive, read_spec_file
 
 LM_LAYER_KINDS = ("softmax", "linear", "dpfp", "mesa")
 
@@ -100,7 +100,7 @@ def validate_lm(spec: LMSpec) -> None:
     if not m.layers:
         raise MesaError("model.layers: list at least one layer kind, e.g. [softmax, mesa]")
     for i, kind in enumerate(m.layers):
-        _choice(kind, LM_LAYER_KINDS, f"model.layers[{i}]")
+        choice(kind, LM_LAYER_KINDS, f"model.layers[{i}]")
     if d.tokenizer != "bytes" and not d.tokenizer.endswith(".json"):
         raise MesaError(f"data.tokenizer: 'bytes' or the path of a local tokenizer.json, got {d.tokenizer!r}")
     if not 0 < d.val_fraction < 1:
@@ -115,7 +115,7 @@ def validate_lm(spec: LMSpec) -> None:
         ("train.keep_checkpoints", t.keep_checkpoints), ("eval.windows", e.windows),
         ("eval.batch_size", e.batch_size), ("eval.icl_early", e.icl_early), ("eval.icl_late", e.icl_late),
     ]:
-        _positive(value, path)
+        positive(value, path)
     for path, value in [("model.dpfp_nu", m.dpfp_nu), ("train.warmup_steps", t.warmup_steps),
                         ("train.weight_decay", t.weight_decay), ("train.end_lr", t.end_lr)]:
         if value < 0:

@@ -9,26 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mesacli.checkpoint import dump_json
 from mesacli.errors import MesaError
-from mesacli.probe.common import PROBE_DIR, RunContext
-
-# name -> (module, one-line description); run in this order
-ANALYSES: dict[str, tuple[str, str]] = {
-    "prop1": ("mesacli.probe.prop1", "Prop. 1: 1-layer LSA vs one step of mesa-GD (GD-1), eta_eff from the weights"),
-    "probes": ("mesacli.probe.linprobe", "linear probes per layer/position: s_{t+1}, s_t, preconditioned s_t"),
-    "binding": ("mesacli.probe.binding", "token binding: layer-1 output probed on s_{t'}, layer-1 attention maps"),
-    "sensitivity": ("mesacli.probe.sensitivity", "token binding over training: ||d layer-1 output_t / d s_{t'}|| "
-                                                 "at every kept checkpoint"),
-    "prop2": ("mesacli.probe.solvers", "Prop. 2: Neumann / Chebyshev preconditioned solvers vs the model"),
-    "compress": ("mesacli.probe.compress", "CompressedAlg: block-diagonal-mean compression of every head"),
-    "linearize": ("mesacli.probe.linearize", "per layer, distil a linear-attention replacement"),
-}
+from mesacli.probe import registry
+from mesacli.probe.registry import ANALYSES, headline
 
 
 @dataclasses.dataclass
@@ -77,10 +64,12 @@ def run_probe(
 
     ``options`` holds per-analysis settings, e.g. {"prop2_train_steps": 2000, "precond": "exact"}.
     """
+    from mesacli import rundir
+    from mesacli.checkpoint import dump_json
     from mesacli.probe import summary
+    from mesacli.probe.common import RunContext
     from mesacli.spec import load_spec
-    from mesacli.train import SPEC_FILE, load_params, replicas
-
+    from mesacli.state import load_params
     explicit = bool(analyses)
     names = parse_analyses(analyses)
     if seeds < 1:
@@ -89,10 +78,8 @@ def run_probe(
         raise MesaError(f"--batch-size must be at least 2, got {batch_size}")
     t0 = time.time()
     run_dir = Path(run_dir)
-    if not (run_dir / SPEC_FILE).exists():
-        raise MesaError(f"{run_dir} is not a mesacli run directory (no {SPEC_FILE})")
-    spec = load_spec(run_dir / SPEC_FILE)
-    modules = {name: importlib.import_module(ANALYSES[name][0]) for name in names}
+    spec = rundir.read_spec(run_dir, load_spec)
+    modules = {name: registry.module(name) for name in names}
     skipped = {}
     for name in list(names):  # fail fast, before any long computation, if an analysis does not apply
         check = getattr(modules[name], "check_applicable", None)
@@ -107,7 +94,7 @@ def run_probe(
     if not names:
         raise MesaError("no analysis applies to this run: " + "; ".join(skipped.values()))
     spec, params, at_step = load_params(run_dir, step)
-    members = replicas(spec, params)  # a multi-seed run: every replica is analysed, into probe/seed<k>/
+    members = rundir.replicas(spec, params)  # a multi-seed run: every replica is analysed, into probe/seed<k>/
     per_replica, files, summary_path = {}, [], None
     for replica_seed, replica_params in members:
         ctx = RunContext(run_dir, spec, replica_params, at_step, seeds=seeds, batch_size=batch_size, report=report,
@@ -134,4 +121,4 @@ def run_probe(
                        per_replica if len(members) > 1 else {})
 
 
-__all__ = ["ANALYSES", "PROBE_DIR", "ProbeResult", "parse_analyses", "run_probe"]
+__all__ = ["ANALYSES", "ProbeResult", "headline", "parse_analyses", "run_probe"]

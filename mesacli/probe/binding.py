@@ -15,7 +15,10 @@ import jax
 import numpy as np
 
 from mesacli import model
-from mesacli.probe.common import RunContext, lstsq_probe, probe_batch, r_squared
+from mesacli.probe.common import RunContext, fmt, lstsq_probe, probe_batch, r_squared
+
+TITLE = "Token binding (first layer)"
+DESCRIPTION = "token binding: layer-1 output probed on s_{t'}, layer-1 attention maps"
 
 LAGS = 8  # t' = t-7 .. t
 
@@ -80,3 +83,23 @@ def run(ctx: RunContext) -> dict:
                            "sub-diagonal (Fig. 3A)"},
         "notes": note + "MSE is the element mean (no 1/2), fitted and scored on the same batch.",
     }
+
+
+def summary(r: dict) -> list[str]:
+    """The markdown lines of this analysis in probe/summary.md."""
+    lines = [f"Layer-1 output at t = {r['position']} probed onto s_t' (element-mean MSE, R^2):", "",
+             "| t' | " + " | ".join(str(t) for t in r["t_prime"]) + " |", "|---|" + "---|" * len(r["t_prime"]),
+             "| MSE | " + " | ".join(fmt(x, 3) for x in r["token_probe_mse"]) + " |",
+             "| R^2 | " + " | ".join(fmt(x, 3) for x in r["token_probe_r2"]) + " |", "",
+             f"Layer-1 attention averaged over {r['attention_sequences']} sequences, per head: mean weight on "
+             f"t'=t {[round(x, 4) for x in r['attention_mean_diagonal']]}, on t'=t-1 "
+             f"{[round(x, 4) for x in r['attention_mean_subdiagonal']]}, on t'<=t-2 "
+             f"{[round(x, 4) for x in r['attention_mean_rest']]}.", "",
+             f"Paper: {r['paper']['claim']}.", "", "Figures: binding_token_probe.png, binding_attention.png."]
+    return lines
+
+
+def headline(r: dict) -> str:
+    """One line of key numbers for the `mesacli probe` table."""
+    return f"R^2 of s_t' from layer 1 at t={r['position']}: " + ", ".join(
+        f"{t}:{x:.2f}" for t, x in zip(r["t_prime"], r["token_probe_r2"], strict=True))

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesacli import tasks
+from mesacli.rundir import PROBE_DIR, replica_folder
 from mesacli.spec import Spec
 
-PROBE_DIR = "probe"
 SLOT_NAMES = ("0", "s_t", "s_t", "s_{t-1}")  # the constructed token [0, s_t, s_t, s_{t-1}] (paper-spec 1)
 
 
@@ -40,7 +40,7 @@ class RunContext:
     @property
     def replica(self) -> str:
         """"seed<k>" for one replica of a multi-seed run (its outputs go to probe/seed<k>/), else ""."""
-        return "" if self.replica_seed is None else f"seed{self.replica_seed}"
+        return replica_folder(self.replica_seed)
 
     @property
     def seed(self) -> int:
@@ -191,3 +191,8 @@ def block_offdiag_max(m_XY: np.ndarray, n: int) -> np.ndarray:
 
 def jnp_f32(x) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    """A number for summary.md: ``digits`` significant digits, '-' for a missing value."""
+    return "-" if x is None else f"{x:.{digits}g}"

@@ -20,8 +20,11 @@ import numpy as np
 
 from mesacli import baselines, tasks
 from mesacli.errors import MesaError
-from mesacli.probe.common import RunContext, block_diag_means, test_batches
+from mesacli.probe.common import RunContext, block_diag_means, fmt, test_batches
 from mesacli.spec import Spec
+
+TITLE = "CompressedAlg: block-diagonal-mean compression"
+DESCRIPTION = "CompressedAlg: block-diagonal-mean compression of every head"
 
 
 def check_applicable(spec: Spec) -> None:
@@ -95,7 +98,9 @@ def interpolation_run(spec: Spec, compressed, steps: int, evals: int = 10, say=N
     """Retrain from the same initialisation; at ~``evals`` points record model / interpolation test loss."""
     import optax
 
-    from mesacli.train import init_state, loss_fn, make_mesh, make_optimizer
+    from mesacli.sharding import make_mesh
+    from mesacli.state import init_state, make_optimizer
+    from mesacli.train import loss_fn
 
     tx = make_optimizer(spec.train)
     state = init_state(spec, make_mesh())
@@ -176,3 +181,23 @@ def run(ctx: RunContext) -> dict:
         "notes": "test losses on the spec's fixed test batches; product form = the model up to float rounding.",
     })
     return result
+
+
+def summary(r: dict) -> list[str]:
+    """The markdown lines of this analysis in probe/summary.md."""
+    lines = ["| model | seq.-avg test loss |", "|---|---|"]
+    lines += [f"| {name} | {fmt(v)} |" for name, v in r["seq_avg_loss"].items()]
+    change = ", ".join(f"layer {i + 1}: QK {c['qk']:.2f}, VP {c['vp']:.2f}" for i, c in enumerate(r["relative_change"]))
+    lines += ["", f"Parameters per head: {r['params_per_head']['original']} -> {r['params_per_head']['compressed']}. "
+                  f"Relative Frobenius change of the products: {change}."]
+    if "interpolation" in r:
+        last = r["interpolation"][-1]
+        lines.append(f"Interpolation run ({last['step']} steps): retrained model {fmt(last['model'])}, "
+                     f"50/50 interpolation {fmt(last['interpolation'])} (figure compress_interpolation.png).")
+    lines += [f"Paper: {r['paper']['claim']}.", "", "Figures: compress_loss.png."]
+    return lines
+
+
+def headline(r: dict) -> str:
+    """One line of key numbers for the `mesacli probe` table."""
+    return "; ".join(f"{k} {v:.4f}" for k, v in r["seq_avg_loss"].items())

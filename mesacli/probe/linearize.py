@@ -16,8 +16,11 @@ import numpy as np
 import optax
 
 from mesacli import model, tasks
-from mesacli.probe.common import RunContext, fit_on_fresh_batches, test_batches
+from mesacli.probe.common import RunContext, fit_on_fresh_batches, fmt, test_batches
 from mesacli.spec import Spec
+
+TITLE = "Linearization"
+DESCRIPTION = "per layer, distil a linear-attention replacement"
 
 
 def apply_with_kinds(params, tokens_BTI, spec: Spec, kinds: tuple[str, ...]):
@@ -113,3 +116,20 @@ def run(ctx: RunContext) -> dict:
         "notes": f"{steps} Adam steps (lr {lr:g}) per layer on fresh batches of 64 (paper: 15k); init {init}; "
                  "test loss on the spec's fixed test batches.",
     }
+
+
+def summary(r: dict) -> list[str]:
+    """The markdown lines of this analysis in probe/summary.md."""
+    lines = [f"Original test loss {fmt(r['original_loss'])}; {r['distil_steps']} distillation steps per layer "
+             f"(init {r['init']}).", "", "| layer | kind | distil MSE first -> last | loss with the layer linearized "
+             "| ratio to original |", "|---|---|---|---|---|"]
+    lines += [f"| {row['layer']} | {row['kind']} | {fmt(row['distil_mse_first'], 3)} -> "
+              f"{fmt(row['distil_mse_last'], 3)} | {fmt(row['loss'])} | {fmt(row['ratio'], 3)} |"
+              for row in r["per_layer"]]
+    lines += ["", f"Paper: {r['paper']['claim']}.", "", "Figure: linearize_distillation.png."]
+    return lines
+
+
+def headline(r: dict) -> str:
+    """One line of key numbers for the `mesacli probe` table."""
+    return f"loss ratio {r['ratio']}"

@@ -15,7 +15,10 @@ import numpy as np
 
 from mesacli import model
 from mesacli.errors import MesaError
-from mesacli.probe.common import RunContext, lstsq_probe, preconditioned_exact, probe_batch, zscore_keep
+from mesacli.probe.common import RunContext, fmt, lstsq_probe, preconditioned_exact, probe_batch, zscore_keep
+
+TITLE = "Linear probes across depth"
+DESCRIPTION = "linear probes per layer/position: s_{t+1}, s_t, preconditioned s_t"
 
 TARGETS = ("next s_{t+1}", "precond (SS^T+lam I)^{-1} s_t", "current s_t")
 
@@ -106,3 +109,31 @@ def run(ctx: RunContext) -> dict:
         "notes": "MSE = sum over dims / (2 B) on the fitting batch (no held-out split), as [C]; "
                  "precond target rows with norm z-score >= 2 dropped; index 0 = input layer.",
     }
+
+
+def summary(r: dict) -> list[str]:
+    """The markdown lines of this analysis in probe/summary.md."""
+    t = str(r["t_report"])
+    at = r["at_positions"][t]
+    names = r["targets"]
+    lines = [f"Probe MSE (sum over dims / 2B) at t = {t}, by layer (0 = input), {r['seeds']} data seeds, "
+             f"batch {r['batch_size']}, preconditioner {r['precond']}:", "",
+             "| target | " + " | ".join(f"layer {layer}" for layer in r["layers"]) + " |",
+             "|---|" + "---|" * len(r["layers"])]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(fmt(x, 3) for x in at[name]) + " |")
+    lines.append(f"| control (s_(t+1) on precond input) | {fmt(at['control'], 3)} (flat) |" + " |" * (
+        len(r["layers"]) - 1))
+    nxt = at[names[0]]
+    falls = all(b <= a * 1.02 for a, b in zip(nxt, nxt[1:], strict=False))
+    lines += ["", f"Target-probe error {'falls monotonically' if falls else 'does not fall monotonically'} with "
+                  f"depth at t = {t} ({fmt(nxt[0], 3)} -> {fmt(nxt[-1], 3)}).",
+              f"Paper: {r['paper']['claim']}.", "", "Figures: probes_depth.png, probes_next_by_position.png."]
+    return lines
+
+
+def headline(r: dict) -> str:
+    """One line of key numbers for the `mesacli probe` table."""
+    t = str(r["t_report"])
+    nxt = r["at_positions"][t][r["targets"][0]]
+    return f"target probe at t={t} by layer: " + ", ".join(f"{x:.3g}" for x in nxt)

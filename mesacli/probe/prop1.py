@@ -23,11 +23,15 @@ from mesacli.probe.common import (
     block_offdiag_max,
     cosine,
     fit_on_fresh_batches,
+    fmt,
     probe_batch,
     test_batches,
     token_space_products,
 )
 from mesacli.spec import Spec
+
+TITLE = "Proposition 1: one step of mesa-gradient descent"
+DESCRIPTION = "Prop. 1: 1-layer LSA vs one step of mesa-GD (GD-1), eta_eff from the weights"
 
 
 def check_applicable(spec: Spec) -> None:
@@ -42,7 +46,7 @@ def check_applicable(spec: Spec) -> None:
 
 
 def gd1_direction_jax(obs_BTS: jax.Array) -> jax.Array:
-    """g_t = sum_{t'<=t} s_{t'} s_{t'-1}^T s_t (as baselines.gd1_direction, differentiable)."""
+    """g_t = sum_{t'<=t} s_{t'} s_{t'-1}^T s_t (as baselines.gd1_sequence_direction, differentiable)."""
     prev = jnp.pad(obs_BTS, ((0, 0), (1, 0), (0, 0)))[:, :-1]
     scores_BTT = jnp.tril(jnp.einsum("bti,bsi->bts", obs_BTS, prev))
     return jnp.einsum("bts,bsi->bti", scores_BTT, obs_BTS)
@@ -218,3 +222,39 @@ def run(ctx: RunContext) -> dict:
                  "cosines over data seeds (sensitivities on 32 sequences per seed), means over t >= 2 (GD-1 predicts "
                  "0 at t = 1 since s_0 = 0); GD-1 uses Phi_0 = 0.",
     }
+
+
+def summary(r: dict) -> list[str]:
+    """The markdown lines of this analysis in probe/summary.md."""
+    loss = r["seq_avg_loss"]
+    lines = [
+        "| quantity | this run | paper (LSA-1, Fig. 2) |", "|---|---|---|",
+        f"| sequence-averaged test loss: model | {fmt(loss['model'])} | ~ GD-1 |",
+        f"| sequence-averaged test loss: GD-1 (line-searched eta) | {fmt(loss['gd1'])} | ~0.90 |",
+        f"| sequence-averaged test loss: ridge LSQ | {fmt(loss['ridge'])} | floor |",
+        f"| line-searched eta | {fmt(r['gd1_eta'])} | 0.032 |",
+        f"| eta_eff read off the weights | {fmt(r['eta_eff'])} | 0.033 |",
+        f"| cosine(model, GD-1 predictions), mean over t | {fmt(r['prediction_cosine']['mean'], 3)} | ~1 |",
+        f"| cosine of d f_t/d s_t (model vs GD-1) | {fmt(r['sensitivity_cosine']['current_token']['mean'], 3)} | ~1 |",
+        f"| cosine of d f_t/d s_(1..t) (model vs GD-1) | {fmt(r['sensitivity_cosine']['context']['mean'], 3)} | ~1 |",
+        "",
+        "Per head (query s_t / key s_{t-1} block of W_q W_k^T, value s_t -> output block of W_v P):",
+        "",
+        "| head | QK block | VP block | product | max off-diag in QK block |", "|---|---|---|---|---|",
+    ]
+    phi0 = r.get("gd1_learned_phi0")
+    if phi0:
+        lines[10:10] = [f"| GD-1 with learned Phi_0 ({phi0['steps']} Adam steps): loss / prediction cosine | "
+                      f"{fmt(phi0['seq_avg_loss'])} / {fmt(phi0['prediction_cosine']['mean'], 3)} | 'perfect fit' |"]
+    lines += [f"| {h['head'] + 1} | {fmt(h['qk_block'])} | {fmt(h['vp_block'])} | {fmt(h['product'])} | "
+              f"{fmt(h.get('qk_block_max_offdiag'), 3)} |" for h in r["heads"]]
+    lines += ["", "Paper: head 1 ~ 0.17 x 0.16, head 2 ~ (-0.088) x (-0.070), off-diagonals < 0.01.",
+              "", "Figures: prop1_loss.png, prop1_cosine.png, prop1_weights.png."]
+    return lines
+
+
+def headline(r: dict) -> str:
+    """One line of key numbers for the `mesacli probe` table."""
+    loss = r["seq_avg_loss"]
+    return (f"loss model {loss['model']:.4f} vs GD-1 {loss['gd1']:.4f}; eta_eff {r['eta_eff']:.4f} vs "
+            f"line-searched {r['gd1_eta']:.4f}; prediction cosine {r['prediction_cosine']['mean']:.3f}")

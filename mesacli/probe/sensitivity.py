@@ -19,8 +19,11 @@ import jax
 import numpy as np
 
 from mesacli import model, tasks
-from mesacli.probe.common import RunContext, probe_batch
+from mesacli.probe.common import RunContext, fmt, probe_batch
 from mesacli.spec import Spec
+
+TITLE = "Token binding over training"
+DESCRIPTION = "token binding over training: ||d layer-1 output_t / d s_{t'}|| at every kept checkpoint"
 
 SEQUENCES = 64  # sequences per checkpoint (Jacobians are [B, P, E, T, S])
 
@@ -51,7 +54,8 @@ def layer1_sensitivity(params, spec: Spec, obs_BTS: jax.Array, at: list[int]) ->
 def checkpoint_params(ctx: RunContext):
     """[(step, params)] of every checkpoint kept in the run (this replica's, for a multi-seed run)."""
     from mesacli.checkpoint import Checkpoints
-    from mesacli.train import CHECKPOINT_DIR, load_params, replicas
+    from mesacli.rundir import CHECKPOINT_DIR, replicas
+    from mesacli.state import load_params
 
     ckpts = Checkpoints(ctx.run_dir / CHECKPOINT_DIR, keep=ctx.spec.train.keep_checkpoints, read_only=True)
     try:
@@ -98,3 +102,18 @@ def run(ctx: RunContext) -> dict:
                  "checkpoint (train with a small train.checkpoint_every and a large train.keep_checkpoints for a "
                  "curve).",
     }
+
+
+def summary(r: dict) -> list[str]:
+    """The markdown lines of this analysis in probe/summary.md."""
+    lines = [f"Checkpoints: {', '.join(map(str, r['checkpoints']))} ({r['sequences']} sequences). At the last one:", "",
+             "| t | to s_t | to s_(t-1) | to older tokens (mean) |", "|---|---|---|---|"]
+    lines += [f"| {t} | {fmt(v['s_t'], 3)} | {fmt(v['s_(t-1)'], 3)} | {fmt(v['older_mean'], 3)} |"
+              for t, v in r["final"].items()]
+    lines += ["", f"Paper: {r['paper']['claim']}.", "", "Figure: sensitivity.png."]
+    return lines
+
+
+def headline(r: dict) -> str:
+    """One line of key numbers for the `mesacli probe` table."""
+    return "done"

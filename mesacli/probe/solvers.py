@@ -24,8 +24,11 @@ import optax
 
 from mesacli import baselines, model, tasks
 from mesacli.errors import MesaError
-from mesacli.probe.common import RunContext, context_gram, cosine, fit_on_fresh_batches, test_batches
+from mesacli.probe.common import RunContext, context_gram, cosine, fit_on_fresh_batches, fmt, test_batches
 from mesacli.spec import Spec
+
+TITLE = "Proposition 2: preconditioned solvers"
+DESCRIPTION = "Prop. 2: Neumann / Chebyshev preconditioned solvers vs the model"
 
 # The paper's learned 6-step coefficients, fully observed linear task (paper-spec 4.3, [R]).
 PAPER_CHEBYSHEV_LINEAR = ((1.029, 3.855, 3.747, 3.383, 2.988, 2.093), (0.0, 0.640, 0.480, 0.814, 1.668, 2.420))
@@ -123,8 +126,9 @@ def check_applicable(spec: Spec) -> None:
 
 
 def run(ctx: RunContext) -> dict:
+    from mesacli.evaluate import make_evaluator
     from mesacli.probe import figures
-    from mesacli.train import make_evaluator, make_mesh
+    from mesacli.sharding import make_mesh
 
     spec = ctx.spec
     check_applicable(spec)
@@ -193,3 +197,22 @@ def run(ctx: RunContext) -> dict:
                  "on separate batches (as mesacli eval).",
     }
 
+
+def summary(r: dict) -> list[str]:
+    """The markdown lines of this analysis in probe/summary.md."""
+    lines = [f"k = {r['k']} solver steps vs the {r['model_layers']}-layer model; coefficients learned for "
+             f"{r['train_steps']} Adam steps (paper: 20k).", "",
+             "| model / solver | seq.-avg test loss | cosine(model, solver predictions), mean over t >= 2 |",
+             "|---|---|---|"]
+    cosines = r.get("prediction_cosine", {})
+    lines += [f"| {name} | {fmt(v)} | {fmt(cosines[name]['mean'], 3) if name in cosines else '-'} |"
+              for name, v in r["seq_avg_loss"].items()]
+    lines += ["", f"Learned Chebyshev alpha = {[round(a, 3) for a in r['learned']['chebyshev']['alpha']]}, "
+                  f"beta = {[round(b, 3) for b in r['learned']['chebyshev']['beta']]}.",
+              f"Paper: {r['paper']['claim']}.", "", "Figures: prop2_loss.png, prop2_training.png."]
+    return lines
+
+
+def headline(r: dict) -> str:
+    """One line of key numbers for the `mesacli probe` table."""
+    return "; ".join(f"{k} {v:.4f}" for k, v in r["seq_avg_loss"].items())

@@ -1,0 +1,240 @@
+"""The one guarded training loop, shared by ``train``, ``lm train`` and ``prompt-tune``.
+
+``run(...)`` takes a restored (or fresh) state and a checkpoint manager and steps it to ``end``:
+
+- metrics are buffered on device and flushed every ``log`` steps (and at evaluations and checkpoints) into a
+  JSONL log (``MetricLog``); on resume the log is first cut back to the restored step (``truncate_jsonl``);
+- a non-finite loss (or parameters, where the step reports ``params_finite``) raises ``TrainingDiverged``,
+  naming the last good checkpoint;
+- Ctrl-C, and SIGTERM (which stops after the step under way: ``runtime.stop_on_sigterm``), flush the log, save
+  the last finished step and return ``interrupted = True``;
+- one progress bar (``progress_bar``) shows the step, the loss and the time left.
+
+``accumulated_value_and_grad`` is the gradient accumulation over micro-batches used by the train and tune steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from mesacli import runtime
+from mesacli.checkpoint import Checkpoints
+from mesacli.errors import MesaError
+from mesacli.rundir import CHECKPOINT_DIR
+
+
+class TrainingDiverged(MesaError):
+    """The loss or the parameters became non-finite; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+
+
+def accumulated_value_and_grad(loss: Callable, params, batch, micro_batch: int | None,
+                               sharding: NamedSharding | None = None):
+    """(L, dL/dparams) of the batch-mean loss L = (1/M) sum_m L_m over M equal micro-batches of
+    ``micro_batch`` sequences (micro-batch m holds rows m, m + M, m + 2M, ...), accumulated in a
+    ``lax.scan``: the full batch's value and gradient up to float rounding, with 1/M of the working set.
+    ``micro_batch=None`` (or the whole batch) takes one pass."""
+    size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    if micro_batch is None or micro_batch >= size:
+        return jax.value_and_grad(loss)(params, batch)
+    count = size // micro_batch
+    # [B, ...] -> [M, B/M, ...] with row i*M + m in micro-batch m: each micro-batch keeps the batch's
+    # split over the "data" devices (every device's rows stay on it)
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(micro_batch, count, *x.shape[1:]), 0, 1), batch)
+
+    def accumulate(carry, micro_batch_data):
+        if sharding is not None:
+            micro_batch_data = jax.lax.with_sharding_constraint(micro_batch_data, sharding)
+        value, grads = jax.value_and_grad(loss)(params, micro_batch_data)
+        return jax.tree.map(jnp.add, carry, (value, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (value, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    return value / count, jax.tree.map(lambda g: g / count, grads)
+
+
+# ----------------------------------------------------------------------------- the metric log
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop the lines of a JSONL log written after ``last_step`` (the checkpoint a run resumes from), and any
+    unreadable line, so that the resumed log has no duplicates."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+class MetricLog:
+    """Buffers per-step device metrics; ``flush`` syncs them, checks finiteness and appends JSONL lines.
+
+    A step's metrics hold ``loss`` (per replica when seeds are stacked), optionally ``params_finite``, and any other
+    scalars (``grad_norm``, ``lr``), logged as their mean: {"step", "loss", <others>} every ``log_every`` steps
+    and at every flush.  With several seeds the line also has ``loss_std`` and ``loss_per_seed``."""
+
+    def __init__(self, path: Path, log_every: int, seeds: list[int], write: bool = True, hint: str = ""):
+        self.path, self.log_every, self.seeds, self.write, self.hint = Path(path), log_every, seeds, write, hint
+        self.pending: list[tuple[int, dict]] = []
+        self.last_loss = float("nan")
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self, extra: dict | None = None) -> None:
+        pending, self.pending = jax.device_get(self.pending), []
+        lines = []
+        for step, m in pending:
+            loss = np.atleast_1d(np.asarray(m["loss"], np.float64))
+            bad = ~(np.isfinite(loss) & np.atleast_1d(np.asarray(m.get("params_finite", True))))
+            if bad.any():
+                self._write(lines)
+                bad_seeds = ", ".join(str(s) for s in np.array(self.seeds)[bad])
+                which = "" if len(self.seeds) == 1 else f" (seed {bad_seeds})"
+                raise TrainingDiverged(f"non-finite loss or parameters at step {step + 1}{which}")
+            self.last_loss = float(loss.mean())
+            if (step + 1) % self.log_every == 0 or step == pending[-1][0]:
+                line = {"step": step + 1, "loss": self.last_loss}
+                line.update({k: float(np.mean(v)) for k, v in m.items() if k not in ("loss", "params_finite")})
+                if len(self.seeds) > 1:
+                    line.update(loss_std=float(loss.std()), loss_per_seed=[float(x) for x in loss])
+                lines.append(line)
+        if extra is not None:
+            if lines and lines[-1]["step"] == extra["step"]:
+                lines[-1].update(extra)
+            else:
+                lines.append(extra)
+        self._write(lines)
+
+    def _write(self, lines: list[dict]) -> None:
+        if lines and self.write:
+            with self.path.open("a") as f:
+                for line in lines:
+                    f.write(json.dumps(line) + "\n")
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def progress_bar(enabled: bool, loss_label: str = "loss"):
+    """The one progress bar of the training loops: description, bar, step/total, loss, time left."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn(f"{loss_label} {{task.fields[loss]}}"), TimeRemainingColumn()]
+    return Progress(*columns, disable=not enabled, transient=False)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Every:
+    """Intervals of the loop: log flush, evaluation (None: never), checkpoint."""
+
+    log: int
+    eval: int | None
+    checkpoint: int
+
+
+def run_steps(state, start: int, end: int, total: int, *, step_fn: Callable, log: MetricLog, save: Callable,
+              ckpts: Checkpoints, run_dir: Path, every: Every, eval_record: Callable | None,
+              on_flush: Callable[[int, float], None]) -> tuple[Any, int, bool]:
+    """Steps start..end-1 with ``step_fn(state, step) -> (state, metrics)``.
+
+    Metrics are flushed every log interval and at evaluations and checkpoints (a non-finite loss raises
+    TrainingDiverged there); ``eval_record(state, step)`` is logged every eval interval and at step ``total``;
+    ``save(state, step)`` every checkpoint interval and at ``end``.  Ctrl-C, or SIGTERM (which stops after the step
+    under way), flushes and saves the last finished step and returns interrupted = True; divergence closes the
+    checkpoints and names the last good one.  Returns (state, step, interrupted)."""
+    step, interrupted = start, False
+    try:
+        with runtime.stop_on_sigterm():
+            while step < end:
+                state, metrics = step_fn(state, step)
+                log.add(step, metrics)
+                step += 1
+                do_eval = eval_record is not None and (step % every.eval == 0 or step == total)
+                do_ckpt = step % every.checkpoint == 0 or step == end
+                if step % every.log == 0 or do_eval or do_ckpt:
+                    log.flush(eval_record(state, step) if do_eval else None)
+                    on_flush(step, log.last_loss)
+                if do_ckpt:
+                    save(state, step)
+                if runtime.stop_requested() and step < end:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        interrupted = True
+        try:
+            log.flush()
+            save(state, step)
+        except TrainingDiverged:
+            pass
+    except TrainingDiverged as err:
+        last = ckpts.latest_step()
+        ckpts.close()
+        kept = f"last good checkpoint: step {last}" if last is not None else "no checkpoint was saved"
+        hint = f"; {log.hint}" if log.hint else ""
+        raise TrainingDiverged(f"{err}; training stopped ({kept} in {Path(run_dir) / CHECKPOINT_DIR}){hint}") from None
+    return state, step, interrupted
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    step: int
+    interrupted: bool
+    last_loss: float
+    seconds: float  # wall time of this session's steps (compilation included)
+
+
+def run(state, *, ckpts: Checkpoints, run_dir: Path, log_path: Path, end: int, total: int, step_fn: Callable,
+        every: Every, meta: dict, seeds: list[int], description: str, eval_record: Callable | None = None,
+        progress: bool = True, write: bool = True, loss_label: str = "loss", hint: str = "",
+        on_log: Callable[[int, float], None] | None = None) -> LoopResult:
+    """Step ``state`` (resumed at its own ``step``) to ``end`` of ``total`` with the guarded loop, logging to
+    ``log_path`` and checkpointing into ``ckpts`` (= run_dir/checkpoints, closed on return); ``meta`` goes into
+    every checkpoint with the step and the loss.  ``write`` = False (a non-primary process) writes no log lines.
+    ``hint`` ends the divergence message; ``on_log(step, loss)`` is called at every flush."""
+    start = int(state["step"])
+    if write:
+        truncate_jsonl(log_path, start)
+    log = MetricLog(log_path, every.log, seeds, write=write, hint=hint)
+
+    def save(state, step: int) -> None:
+        if ckpts.latest_step() != step:
+            ckpts.save(step, state, dict(meta, step=step, loss=log.last_loss))
+
+    t0 = time.time()
+    try:
+        with progress_bar(progress, loss_label) as bar:
+            task_id = bar.add_task(description, total=total, completed=start, loss="-")
+
+            def on_flush(step: int, loss: float) -> None:
+                bar.update(task_id, completed=step, loss=f"{loss:.4f}")
+                if on_log is not None:
+                    on_log(step, loss)
+
+            state, step, interrupted = run_steps(state, start, end, total, step_fn=step_fn, log=log, save=save,
+                                                 ckpts=ckpts, run_dir=run_dir, every=every, eval_record=eval_record,
+                                                 on_flush=on_flush)
+    finally:
+        ckpts.close()
+    return LoopResult(state, step, interrupted, log.last_loss, time.time() - t0)

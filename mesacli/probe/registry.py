@@ -1,0 +1,32 @@
+"""The probe analyses: one registry line each, name -> module (run and summarised in this order).
+
+An analysis module defines ``TITLE`` (its summary.md heading), ``DESCRIPTION`` (one line), ``run(ctx) -> dict``
+(the JSON written to probe/<name>.json), ``summary(result) -> list[str]`` (its markdown lines),
+``headline(result) -> str`` (its row of the `mesacli probe` table) and optionally ``check_applicable(spec)``
+(raises MesaError when the analysis does not apply). Adding an analysis is one module and one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+ANALYSES: dict[str, str] = {
+    "prop1": "mesacli.probe.prop1",
+    "probes": "mesacli.probe.linprobe",
+    "binding": "mesacli.probe.binding",
+    "sensitivity": "mesacli.probe.sensitivity",
+    "prop2": "mesacli.probe.solvers",
+    "compress": "mesacli.probe.compress",
+    "linearize": "mesacli.probe.linearize",
+}
+
+
+def module(name: str) -> ModuleType:
+    """The module of analysis ``name`` (imported on first use: jax-heavy analyses load only when they run)."""
+    return importlib.import_module(ANALYSES[name])
+
+
+def headline(name: str, result: dict) -> str:
+    """The one-line key numbers of analysis ``name`` for the probe table."""
+    return module(name).headline(result)

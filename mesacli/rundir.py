@@ -1,0 +1,131 @@
+"""The on-disk contract of a run directory, in one place.
+
+A run directory (``mesacli train``, ``mesacli lm train``) holds::
+
+    spec.yaml         the resolved spec (also in every checkpoint's metadata): the directory describes itself
+    metrics.jsonl     one JSON line per logged step (mesacli.loop.MetricLog)
+    checkpoints/<s>/  Orbax checkpoints of {params, opt_state, step} and {spec, step, loss} (mesacli.checkpoint)
+    eval_curve.json   synthetic task: the final per-position test loss    (eval.json for a language model)
+    probe/            ``mesacli probe`` outputs;  prompt_tune/<stage>/: ``mesacli prompt-tune`` outputs
+    seed<k>/          inside probe/ and prompt_tune/: one folder per replica of a ``train.seeds > 1`` run
+
+Every command that reads a run directory goes through ``read_spec`` (the one "is not a run directory" check) and
+``restore`` (spec-checked checkpoint restore).  This module knows file names and formats, not how a model is
+trained: the trainers give it their spec loader and state template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+from mesacli.checkpoint import Checkpoints
+from mesacli.errors import MesaError
+from mesacli.spec_loader import spec_diff, spec_to_dict, spec_to_yaml
+
+SPEC_FILE = "spec.yaml"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+EVAL_CURVE_FILE = "eval_curve.json"  # synthetic-task runs
+LM_EVAL_FILE = "eval.json"  # language-model runs
+PROBE_DIR = "probe"
+TUNE_DIR = "prompt_tune"
+
+SpecLoader = Callable[[Path], Any]
+
+
+def prepare(spec: Any, run_dir: Path, load: SpecLoader) -> None:
+    """Create a run directory, or check that an existing one was made with this exact spec (read by ``load``)."""
+    run_dir = Path(run_dir)
+    spec_path = run_dir / SPEC_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MesaError(f"run directory {run_dir} exists and is not a directory")
+    if spec_path.exists():
+        try:
+            stored = load(spec_path)
+        except MesaError as err:
+            raise MesaError(f"run directory {run_dir} has an unreadable spec: {err}") from None
+        if stored != spec:
+            diff = "; ".join(spec_diff(stored, spec)[:4])
+            raise MesaError(
+                f"run directory {run_dir} was made with a different spec ({diff}); "
+                f"use another --run-dir or the same spec"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise MesaError(f"{run_dir} is not empty and is not a mesacli run directory (no {SPEC_FILE})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not spec_path.exists():
+        tmp = spec_path.with_suffix(".tmp")
+        tmp.write_text(f"# resolved spec written by mesacli\n{spec_to_yaml(spec)}")
+        tmp.replace(spec_path)
+
+
+def read_spec(run_dir: str | Path, load: SpecLoader) -> Any:
+    """The spec of an existing run directory (read by ``load``); MesaError if ``run_dir`` is not one."""
+    run_dir = Path(run_dir)
+    if not (run_dir / SPEC_FILE).exists():
+        raise MesaError(f"{run_dir} is not a mesacli run directory (no {SPEC_FILE})")
+    return load(run_dir / SPEC_FILE)
+
+
+def open_checkpoints(run_dir: Path, spec: Any, read_only: bool = False) -> Checkpoints:
+    """The run's checkpoint manager (keeping ``spec.train.keep_checkpoints``); read-only needs the folder to exist."""
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    if read_only and not directory.is_dir():
+        raise MesaError(f"no checkpoint found in {directory}")
+    return Checkpoints(directory, keep=spec.train.keep_checkpoints, read_only=read_only)
+
+
+def checkpoint_steps(run_dir: Path, spec: Any) -> list[int]:
+    """The steps of every checkpoint kept in the run, oldest first."""
+    ckpts = open_checkpoints(run_dir, spec, read_only=True)
+    try:
+        return ckpts.all_steps()
+    finally:
+        ckpts.close()
+
+
+def restore_state(spec: Any, ckpts: Checkpoints, template: dict, step: int | None = None) -> dict:
+    """Restore a train state, refusing a checkpoint written for a different spec (any spec dataclass)."""
+    meta = ckpts.restore_meta(step)
+    if meta.get("spec") != spec_to_dict(spec):
+        raise MesaError(f"checkpoint in {ckpts.directory} was written for a different spec")
+    state, _ = ckpts.restore(template, step)
+    return state
+
+
+def restore(run_dir: str | Path, load: SpecLoader, make_template: Callable[[Any], dict],
+            step: int | None = None) -> tuple[Any, dict]:
+    """(spec, state) of a run directory's latest (or given) checkpoint; ``make_template(spec)`` gives the state's
+    structure, shapes, dtypes and shardings (a freshly initialised state)."""
+    run_dir = Path(run_dir)
+    spec = read_spec(run_dir, load)
+    ckpts = open_checkpoints(run_dir, spec, read_only=True)
+    try:
+        state = restore_state(spec, ckpts, make_template(spec), step)
+    finally:
+        ckpts.close()
+    return spec, state
+
+
+# ----------------------------------------------------------------------------- replicas (train.seeds > 1)
+
+
+def replica_seeds(train: Any) -> list[int]:
+    """Replica i of a ``train.seeds = S`` run is the plain run with seed ``train.seed + i``."""
+    return [train.seed + i for i in range(getattr(train, "seeds", 1))]
+
+
+def replicas(spec: Any, params) -> list[tuple[int, Any]]:
+    """[(seed, params)] for every replica of a run's (possibly stacked) parameters."""
+    if getattr(spec.train, "seeds", 1) == 1:
+        return [(spec.train.seed, params)]
+    return [(seed, jax.tree_util.tree_map(lambda x, i=i: x[i], params))
+            for i, seed in enumerate(replica_seeds(spec.train))]
+
+
+def replica_folder(seed: int | None) -> str:
+    """"seed<k>": the folder of replica k's outputs inside probe/ and prompt_tune/ ("" for a single-seed run)."""
+    return "" if seed is None else f"seed{seed}"
