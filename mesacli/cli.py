@@ -329,6 +329,70 @@ def prompt_tune(
         console.print(f"stopped at step {results[-1].step} of {steps}; run the same command again to resume")
 
 
+# ----------------------------------------------------------------------------- mesacli reproduce
+
+reproduce_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                            help="The ledger of the paper's results: status, produce (a budget at a time), report.")
+app.add_typer(reproduce_app, name="reproduce")
+_RESULTS_HELP = "The committed record: one run directory per spec (results/<spec>/)."
+
+
+@reproduce_app.command("status")
+@_user_errors
+def reproduce_status(
+    ids: List[str] = typer.Argument(None, metavar="[ID...]", help="Entries to show (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of entries instead of the table."),
+    results: Path = typer.Option(Path("results"), help=_RESULTS_HELP),
+):
+    """Every result of the paper: paper, ours, ratio, within tolerance or not, state, CPU time left."""
+    import json
+
+    from mesacli.reproduce.ledger import load_ledger
+    from mesacli.reproduce.status import ledger_status
+
+    statuses = ledger_status(load_ledger(), list(ids or []), results)
+    if as_json:
+        print(json.dumps([s.to_json() for s in statuses], indent=1))
+        return
+    console.print(render.ledger_table(statuses))
+
+
+@reproduce_app.command("run")
+@_user_errors
+def reproduce_run(
+    ids: List[str] = typer.Argument(None, metavar="[ID...]", help="Entries to produce (default: all, by priority)."),
+    budget: Optional[str] = typer.Option(None, help="Time budget, e.g. 150m, 2h, 1h30m (bare number: minutes); "
+                                                    "when it runs out training stops as on SIGTERM (step saved)."),
+    results: Path = typer.Option(Path("results"), help=_RESULTS_HELP),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """Train / resume and analyse what the entries need, in priority order, from the shipped specs."""
+    from mesacli.reproduce.ledger import load_ledger
+    from mesacli.reproduce.run import parse_budget
+    from mesacli.reproduce.run import reproduce_run as run_ledger
+
+    budget_s = parse_budget(budget) if budget is not None else None
+    report = run_ledger(load_ledger(), list(ids or []), budget_s=budget_s, results_dir=results, progress=progress,
+                        say=lambda message: err_console.print(message, highlight=False))
+    console.print(render.reproduce_run_table(report))
+    if report.stopped == "SIGTERM":
+        raise typer.Exit(130)
+
+
+@reproduce_app.command("report")
+@_user_errors
+def reproduce_report(
+    results: Path = typer.Option(Path("results"), help=_RESULTS_HELP),
+):
+    """Write RESULTS/REPORT.md and its figures: per paper figure, ours beside the paper (misses shown)."""
+    from mesacli.reproduce.ledger import load_ledger
+    from mesacli.reproduce.report import write_report
+    from mesacli.reproduce.status import ledger_status
+
+    path = write_report(ledger_status(load_ledger(), None, results), results)
+    console.print(f"report: {path}")
+
+
 # ----------------------------------------------------------------------------- mesacli lm
 
 

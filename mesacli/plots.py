@@ -116,3 +116,20 @@ def lm_training_plot(metrics_path: Path, path: Path, title: str) -> None:
         if points:
             ax.plot(*zip(*points, strict=True), style, label=label)
     finish(fig, ax, path, xlabel="step", ylabel="loss (bits per token)", title=title, log=False)
+
+
+def ledger_plot(curves: dict[str, list[float]], points: dict[str, list[tuple[float, float]]], path: Path, title: str,
+                xlabel: str, ylabel: str, x_start: int = 1, dashed: tuple[str, ...] = ()) -> None:
+    """Our curves (lines, x = x_start, x_start + 1, ...) beside the paper's values (markers, one series per
+    name in ``points``; a marker series takes the colour of the curve of the same name), log y axis."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colours = {}
+    for name, curve in curves.items():
+        x = np.arange(x_start, x_start + len(curve))
+        (line,) = ax.plot(x, curve, "--" if name in dashed else "-", label=f"ours: {name}")
+        colours[name] = line.get_color()
+    for name, xy in points.items():
+        if xy:
+            xs, ys = zip(*xy, strict=True)
+            ax.plot(xs, ys, "o", mfc="none", ms=8, mew=1.5, color=colours.get(name), label=f"paper: {name}")
+    finish(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, title_size=9, legend_size=7)

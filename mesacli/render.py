@@ -223,3 +223,46 @@ def lm_table(rows: list[dict], title: str) -> Table:
 def icl_score_title(spec: Any) -> str:
     """The ICL-score definition of a language-model table title."""
     return f"ICL score = loss at token {spec.eval.icl_late} - loss at token {spec.eval.icl_early}"
+
+
+def ledger_table(statuses: list[Any]) -> Group:
+    """`mesacli reproduce status`: one row per ledger entry, then the totals."""
+    from mesacli.reproduce.report import fmt_value, verdict
+    from mesacli.reproduce.run import format_seconds
+    from mesacli.reproduce.status import total_cpu_left
+
+    table = Table(title="the paper's results (ledger)", title_justify="left")
+    for name, justify in (("id", "left"), ("paper", "right"), ("ours", "right"), ("ratio", "right"),
+                          ("verdict", "left"), ("state", "left"), ("CPU left", "right")):
+        table.add_column(name, justify=justify)
+    for s in statuses:
+        style = {"within": "green", "holds": "green", "**MISS**": "red", "**FAILS**": "red"}.get(verdict(s), "")
+        ours = fmt_value(s.ours) + (f" @{s.ours_step}" if s.ours is not None and not s.done else "")
+        table.add_row(s.entry.id, fmt_value(s.paper), ours, "–" if s.ratio is None else f"{s.ratio:.2f}",
+                      Text(verdict(s).strip("*"), style=style), s.state,
+                      format_seconds(s.cpu_left_s) if s.cpu_left_s else "–")
+    done = sum(s.done for s in statuses)
+    measured = [s for s in statuses if s.within is not None]
+    held = sum(bool(s.within) for s in measured)
+    cpu = total_cpu_left(statuses)
+    footer = Text(f"{len(statuses)} entries: {done} done, {len(measured)} measured ({held} within / holding, "
+                  f"{len(measured) - held} missed); CPU time left about {format_seconds(cpu)} (the ledger's step costs "
+                  "on a 2-core CPU; each run counted once)")
+    return Group(table, footer)
+
+
+def reproduce_run_table(report: Any) -> Group:
+    """`mesacli reproduce run`: what this call produced, and why it stopped."""
+    from mesacli.reproduce.run import format_seconds
+
+    table = Table(title="reproduce run", title_justify="left")
+    for name, justify in (("spec", "left"), ("stage", "left"), ("time", "right"), ("result", "left")):
+        table.add_column(name, justify=justify)
+    for stage in report.stages:
+        table.add_row(stage.spec, stage.what, format_seconds(stage.seconds), stage.detail)
+    if report.stopped:
+        end = Text(f"stopped ({report.stopped}) after {format_seconds(report.seconds)}: the step under way was "
+                   "saved; run `mesacli reproduce run` again to continue")
+    else:
+        end = Text(f"all {len(report.specs)} specs of the selection produced ({format_seconds(report.seconds)})")
+    return Group(table, end)

@@ -87,6 +87,27 @@ def checkpoint_steps(run_dir: Path, spec: Any) -> list[int]:
         ckpts.close()
 
 
+def saved_steps(run_dir: str | Path) -> list[int]:
+    """The steps of the finished checkpoints in ``run_dir``, oldest first, read from the folder names alone (no
+    Orbax): what `mesacli reproduce status` needs to tell how far a run has trained."""
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int = 1) -> list[int]:
+    """Delete all but the latest ``keep`` checkpoints of ``run_dir`` (the committed record keeps one: the latest,
+    resumable); returns the deleted steps."""
+    import shutil
+
+    steps = saved_steps(run_dir)
+    gone = steps[:-keep] if keep > 0 else steps
+    for step in gone:
+        shutil.rmtree(Path(run_dir) / CHECKPOINT_DIR / str(step))
+    return gone
+
+
 def restore_state(spec: Any, ckpts: Checkpoints, template: dict, step: int | None = None) -> dict:
     """Restore a train state, refusing a checkpoint written for a different spec (any spec dataclass)."""
     meta = ckpts.restore_meta(step)

@@ -5,7 +5,9 @@ scheduler pre-empts a job, and ``kill PID`` stops one, with SIGTERM; a command s
 by a non-interactive shell (``nohup mesacli train ... &``) ignores SIGINT, so SIGTERM is the only polite way
 to stop it.  Inside the loops SIGTERM only raises a flag: the loop finishes the step it is on, then stops as
 on Ctrl-C (metrics flushed, a checkpoint of that step saved, exit code 130).  Anywhere else SIGTERM keeps
-its default action.
+its default action.  Blocks nest (`mesacli reproduce run` wraps the loops: a SIGTERM between two loops stands),
+and ``deadline(seconds)`` makes ``stop_requested()`` turn True once a time budget has passed, so a budget
+stops a loop exactly as SIGTERM does.
 
 Host memory allocator.  glibc's malloc serves every request of 32 MiB or more (the ceiling of its
 dynamic mmap threshold) with a fresh ``mmap`` and gives it back to the kernel on ``free``; smaller
@@ -31,6 +33,7 @@ import ctypes.util
 import os
 import signal
 import threading
+import time
 
 ENV_VAR = "MESACLI_ALLOCATOR"
 CHOICES = ("tuned", "glibc")
@@ -38,7 +41,7 @@ _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 _LARGEST = 2**31 - 1  # mallopt takes an int
 
-_state = {"allocator": "glibc", "stop_requested": False}
+_state = {"allocator": "glibc", "stop_requested": False, "sigterm_depth": 0, "deadline": None}
 
 
 def allocator() -> str:
@@ -90,19 +93,42 @@ def stop_on_sigterm():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _state["stop_requested"] = False
+    outermost = _state["sigterm_depth"] == 0
+    if outermost:  # nested (a loop inside `reproduce run`): a SIGTERM seen by the outer block is kept
+        _state["stop_requested"] = False
 
     def request_stop(signum, frame):
         _state["stop_requested"] = True
 
     previous = signal.signal(signal.SIGTERM, request_stop)
+    _state["sigterm_depth"] += 1
     try:
         yield
     finally:
+        _state["sigterm_depth"] -= 1
         signal.signal(signal.SIGTERM, previous)
-        _state["stop_requested"] = False
+        if outermost:
+            _state["stop_requested"] = False
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None):
+    """Within: ``stop_requested()`` also turns True once ``seconds`` have passed (a time budget that stops the
+    loops exactly as SIGTERM does: the step under way is finished and saved).  ``None``: no deadline."""
+    previous = _state["deadline"]
+    _state["deadline"] = None if seconds is None else time.monotonic() + seconds
+    try:
+        yield
+    finally:
+        _state["deadline"] = previous
+
+
+def seconds_left() -> float | None:
+    """Seconds until the ``deadline`` in force (may be negative), or None without one."""
+    return None if _state["deadline"] is None else _state["deadline"] - time.monotonic()
 
 
 def stop_requested() -> bool:
-    """True once SIGTERM arrived inside ``stop_on_sigterm``."""
-    return _state["stop_requested"]
+    """True once SIGTERM arrived inside ``stop_on_sigterm``, or once the ``deadline`` in force has passed."""
+    left = seconds_left()
+    return _state["stop_requested"] or (left is not None and left <= 0)

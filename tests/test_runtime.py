@@ -69,3 +69,35 @@ def test_cli_rejects_an_unknown_allocator_in_one_line():
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: MESACLI_ALLOCATOR"), result.output
+
+
+def test_nested_sigterm_blocks_keep_a_stop_seen_by_the_outer_one():
+    """`reproduce run` wraps the training loops: a SIGTERM between two loops must not be forgotten by the next."""
+    import os
+    import signal
+
+    from mesacli import runtime
+
+    with runtime.stop_on_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert runtime.stop_requested()
+        with runtime.stop_on_sigterm():  # the next loop starts: the request stands
+            assert runtime.stop_requested()
+        assert runtime.stop_requested()
+    assert not runtime.stop_requested()  # the outermost block ends: reset
+
+
+def test_deadline_requests_a_stop_once_it_has_passed():
+    import time
+
+    from mesacli import runtime
+
+    assert runtime.seconds_left() is None and not runtime.stop_requested()
+    with runtime.deadline(0.2):
+        assert not runtime.stop_requested() and 0 < runtime.seconds_left() <= 0.2
+        time.sleep(0.25)
+        assert runtime.stop_requested() and runtime.seconds_left() < 0
+        with runtime.deadline(None):  # an inner block without a budget
+            assert not runtime.stop_requested()
+        assert runtime.stop_requested()
+    assert runtime.seconds_left() is None and not runtime.stop_requested()

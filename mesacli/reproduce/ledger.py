@@ -1,0 +1,179 @@
+"""The ledger of the paper's results (``ledger.yaml`` in this package), loaded strictly into frozen dataclasses.
+
+An entry is either a number (``metric`` measured on the entry's ``spec``, the paper's value ``paper``, a relative
+``tolerance``) or a claim (``checks``: comparisons of metrics, see ``metrics.parse_check``).  ``specs`` says, for
+every experiment the entries need, which analyses produce its records and what one training step costs.
+``load_ledger`` rejects an unknown key (with a did-you-mean hint), a spec that is not shipped, a metric that does
+not parse or whose analysis the spec does not run, and duplicate ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from mesacli.errors import MesaError
+from mesacli.reproduce import metrics
+from mesacli.spec_loader import EXPERIMENTS_DIR, build_spec, parse_yaml
+
+LEDGER_FILE = Path(__file__).resolve().parent / "ledger.yaml"
+ANALYSIS_KINDS = ("eval", "probe", "tune", "icl", "icl_continual")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecPlan:
+    """What one experiment of the ledger needs: its analyses (in run order) and the measured cost of a step."""
+
+    step_seconds: float
+    analyses: tuple[str, ...] = ("eval",)
+    analysis_seconds: float = 120.0  # measured (or estimated) cost of the analyses other than prompt tuning
+    tune_step_seconds: float = 0.5  # one prompt-tuning step (tune:<stage> analyses)
+    note: str = ""  # where the spec deviates from the paper
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One result of the paper: a number (metric, paper, tolerance) or a claim (checks)."""
+
+    id: str
+    figure: str
+    spec: str
+    priority: int
+    metric: str | None = None
+    paper: float | None = None
+    tolerance: float = 0.10
+    claim: str | None = None
+    checks: tuple[str, ...] = ()
+    note: str = ""
+    source: str = ""  # default: paper-spec.md section 7 ([R] for a number, the paper's text for a claim)
+    seeds: int = 1
+
+    @property
+    def is_claim(self) -> bool:
+        return bool(self.checks)
+
+    def specs(self) -> list[str]:
+        """Every spec the entry reads: its own and those named in its checks."""
+        names = [self.spec]
+        for check in self.checks:
+            for ref in metrics.parse_check(check).refs():
+                if ref.spec and ref.spec not in names:
+                    names.append(ref.spec)
+        return names
+
+    def metric_refs(self) -> list[metrics.MetricRef]:
+        """Every metric the entry reads (the checks' operands, else its metric), with the spec filled in."""
+        if self.checks:
+            return [ref.on(self.spec) for check in self.checks for ref in metrics.parse_check(check).refs()]
+        return [metrics.MetricRef(self.spec, self.metric)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ledger:
+    specs: dict[str, SpecPlan]
+    entries: tuple[Entry, ...]
+
+    def entry(self, entry_id: str) -> Entry:
+        for entry in self.entries:
+            if entry.id == entry_id:
+                return entry
+        import difflib
+
+        close = difflib.get_close_matches(entry_id, [e.id for e in self.entries], n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise MesaError(f"no ledger entry '{entry_id}'{hint}; `mesacli reproduce status` lists them")
+
+    def select(self, ids: list[str] | None) -> list[Entry]:
+        """The named entries (all without names), in priority order, ledger order within a priority."""
+        chosen = [self.entry(i) for i in ids] if ids else list(self.entries)
+        order = {e.id: n for n, e in enumerate(self.entries)}
+        return sorted(dict.fromkeys(chosen), key=lambda e: (e.priority, order[e.id]))
+
+    def spec_order(self, entries: list[Entry]) -> list[str]:
+        """The specs the entries need, each once, in the order of the entries (priority order)."""
+        names: list[str] = []
+        for entry in entries:
+            names += [name for name in entry.specs() if name not in names]
+        return names
+
+
+def _check_analysis(name: str, analysis: str) -> None:
+    kind, _, arg = analysis.partition(":")
+    if kind not in ANALYSIS_KINDS:
+        raise MesaError(f"specs.{name}: unknown analysis '{analysis}' (kinds: {', '.join(ANALYSIS_KINDS)})")
+    if kind == "probe":
+        from mesacli.probe.registry import ANALYSES
+
+        if arg not in ANALYSES:
+            raise MesaError(f"specs.{name}: unknown probe analysis '{arg}' (choose from {', '.join(ANALYSES)})")
+    if kind == "tune" and arg not in ("eos", "prefix", "both"):
+        raise MesaError(f"specs.{name}: tune:{arg}: expected tune:eos, tune:prefix or tune:both")
+    if kind in ("icl", "icl_continual"):
+        from mesacli.icl.evaluate import prompt_names
+
+        prompt_names(arg)
+
+
+def validate(ledger: Ledger, experiments_dir: Path = EXPERIMENTS_DIR) -> Ledger:
+    """Every spec shipped, every analysis known, every metric parsed and produced by an analysis its spec runs."""
+    for name, plan in ledger.specs.items():
+        if not (Path(experiments_dir) / f"{name}.yaml").is_file():
+            raise MesaError(f"specs.{name}: no shipped spec {name}.yaml in {experiments_dir}")
+        if plan.step_seconds <= 0:
+            raise MesaError(f"specs.{name}.step_seconds must be positive, got {plan.step_seconds}")
+        for analysis in plan.analyses:
+            _check_analysis(name, analysis)
+    seen = set()
+    for entry in ledger.entries:
+        where = f"entry {entry.id}"
+        if entry.id in seen:
+            raise MesaError(f"{where}: duplicate id")
+        seen.add(entry.id)
+        if entry.priority < 1:
+            raise MesaError(f"{where}: priority must be at least 1")
+        if entry.tolerance <= 0:
+            raise MesaError(f"{where}: tolerance must be positive")
+        if not entry.checks and (entry.metric is None or entry.paper is None):
+            raise MesaError(f"{where}: give either metric and paper (a number) or checks (a claim)")
+        if entry.metric is not None:
+            metrics.parse_metric(entry.metric, where)
+        try:
+            refs = entry.metric_refs() + ([metrics.MetricRef(entry.spec, entry.metric)] if entry.metric else [])
+        except MesaError as err:
+            raise MesaError(f"{where}: {err}") from None
+        for ref in refs:
+            if ref.spec not in ledger.specs:
+                raise MesaError(f"{where}: spec '{ref.spec}' is not in the ledger's specs section")
+            needed = metrics.parse_metric(ref.metric, where).analysis
+            if not any(a == needed or a.startswith(needed + ":") for a in ledger.specs[ref.spec].analyses):
+                raise MesaError(f"{where}: {ref.spec}:{ref.metric} needs the analysis '{needed}', "
+                                f"which specs.{ref.spec}.analyses does not run")
+    return ledger
+
+
+def load_ledger(path: str | Path = LEDGER_FILE, experiments_dir: Path = EXPERIMENTS_DIR) -> Ledger:
+    """The ledger at ``path`` (default: the shipped one), strictly loaded and validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise MesaError(f"ledger file {path} not found")
+    data = parse_yaml(path.read_text(), str(path)) or {}
+    if not isinstance(data, dict) or set(data) - {"specs", "entries"}:
+        extra = sorted(set(data) - {"specs", "entries"}) if isinstance(data, dict) else data
+        raise MesaError(f"{path}: expected the sections specs and entries, got {extra}")
+    specs = {}
+    for name, plan in (data.get("specs") or {}).items():
+        try:
+            specs[str(name)] = build_spec(SpecPlan, plan, [], lambda _: None)
+        except MesaError as err:
+            raise MesaError(f"{path}: specs.{name}: {err}") from None
+    entries = []
+    for n, raw in enumerate(data.get("entries") or []):
+        where = f"entry {raw.get('id', n) if isinstance(raw, dict) else n}"
+        try:
+            entry = build_spec(Entry, raw, [], lambda _: None)
+        except (MesaError, TypeError) as err:
+            raise MesaError(f"{path}: {where}: {err}") from None
+        if not entry.source:
+            entry = dataclasses.replace(entry, source="paper-spec 7 (claim)" if entry.checks else "paper-spec 7 [R]")
+        entries.append(entry)
+    return validate(Ledger(specs, tuple(entries)), experiments_dir)

@@ -1,0 +1,300 @@
+"""Metric names of the ledger and how each is read from the records of a run directory.
+
+A metric names one number (or one yes/no property) of the records that `mesacli eval`, `probe`, `icl-eval`
+write into a run directory::
+
+    eval.seq_avg  eval.t<N>  eval.<gd1|ridge>.<seq_avg|t<N>>                     eval_step<S>.json (latest S)
+    probe.<target|precond|current>.layer<L|last>.t<N>   probe.target.t<N>.falls   probe/probes.json
+    probe.token.t<N>                                                             probe/binding.json
+    probe.linearize.layer<L>                                                     probe/linearize.json
+    probe.prop2.<model|chebyshev|gd1|ridge>.<seq_avg|t<N>>                       probe/prop2.json
+    probe.compress.<model|compressed>.seq_avg                                    probe/compress.json
+    icl.<plain|eos|tuned|ar_lsq|lsq|gd1>.i<N>   icl.<plain|eos|tuned>.falls      icl_eval_*.json
+    icl_continual.<plain|eos|tuned>.i<N>   icl_continual.<...>.rebounds        icl_eval_*_continual.json
+
+t<N> is the position (1-based), i<N> the example, layer 0 the input.  ``read`` returns a ``Reading``: the value and
+the checkpoint step of the record it came from (None, None when the record is not there yet).
+
+A check (a claim of the paper) compares operands: ``A < B``, ``A < 0.5 * B``, ``A ~ B`` (within the entry's
+tolerance) or a boolean metric ``A``; an operand is ``[spec:]metric`` or a number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mesacli.errors import MesaError
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricRef:
+    spec: str | None  # None: the entry's spec
+    metric: str
+
+    def on(self, default_spec: str) -> MetricRef:
+        return MetricRef(self.spec or default_spec, self.metric)
+
+    def __str__(self) -> str:
+        return f"{self.spec}:{self.metric}" if self.spec else self.metric
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    value: float | bool | None
+    step: int | None  # checkpoint step of the record
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    text: str
+    analysis: str  # eval | probe:<name> | icl | icl_continual: what writes its record
+    read: Callable[[Path], Reading]
+
+
+MISSING = Reading(None, None)
+
+
+def load_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pick(mapping: dict, prefix: str) -> Any:
+    """The value of the first key that starts with ``prefix`` (record keys carry parameters, e.g. 'GD-1 (eta=..)')."""
+    for key, value in mapping.items():
+        if key.startswith(prefix):
+            return value
+    return None
+
+
+def _at(curve, position: str) -> float | None:
+    """'seq_avg' -> the mean of the curve; 't20' / 'i20' -> its 20th value."""
+    if curve is None:
+        return None
+    if position == "seq_avg":
+        return float(np.mean(curve))
+    index = int(position[1:]) - 1
+    return float(curve[index]) if 0 <= index < len(curve) else None
+
+
+# ----------------------------------------------------------------------------- eval records
+
+
+def latest_eval_record(run_dir: Path) -> dict | None:
+    """The eval_step<S>.json of the largest S in ``run_dir`` (written by `mesacli eval`)."""
+    found = []
+    for path in Path(run_dir).glob("eval_step*.json"):
+        match = re.fullmatch(r"eval_step(\d+)\.json", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return load_record(max(found)[1]) if found else None
+
+
+def _eval_reader(baseline: str | None, position: str) -> Callable[[Path], Reading]:
+    def read(run_dir: Path) -> Reading:
+        record = latest_eval_record(run_dir)
+        if record is None:
+            return MISSING
+        if baseline is None:
+            curve = record["per_position_loss"]
+        else:
+            curve = pick(record.get("baselines", {}), {"gd1": "GD-1", "ridge": "ridge"}[baseline])
+        return Reading(_at(curve, position), record.get("step"))
+    return read
+
+
+# ----------------------------------------------------------------------------- probe records
+
+PROBE_TARGETS = {"target": "next", "precond": "precond", "current": "current"}
+PROP2_KEYS = {"model": "model", "chebyshev": "Chebyshev", "gd1": "GD-1", "ridge": "exact ridge"}
+COMPRESS_KEYS = {"model": "model", "compressed": "compressed"}
+
+
+def probe_record(run_dir: Path, name: str) -> dict | None:
+    return load_record(Path(run_dir) / "probe" / f"{name}.json")
+
+
+def _probe_reader(name: str, value: Callable[[dict], Any]) -> Callable[[Path], Reading]:
+    def read(run_dir: Path) -> Reading:
+        record = probe_record(run_dir, name)
+        if record is None:
+            return MISSING
+        try:
+            return Reading(value(record), record.get("step"))
+        except (KeyError, IndexError, ValueError, TypeError):
+            return Reading(None, record.get("step"))
+    return read
+
+
+def _layers_at(record: dict, target: str, position: int) -> list[float]:
+    per_layer = pick(record["mse"], PROBE_TARGETS[target])
+    return [float(curve[position - 1]) for curve in per_layer]
+
+
+def _strictly_falling(values: list[float]) -> bool:
+    return all(b < a for a, b in zip(values, values[1:], strict=False))
+
+
+# ----------------------------------------------------------------------------- icl records
+
+ICL_LABELS = {"plain": "model (plain)", "eos": "model (EOS)", "tuned": "model (EOS+prefix)",
+              "ar_lsq": "AR ridge LSQ", "lsq": "ridge LSQ on (x, y)", "gd1": "GD-1 on (x, y)"}
+
+
+def icl_record(run_dir: Path, label: str, continual: bool) -> dict | None:
+    """The newest icl_eval_*.json of the latest model step (no --step) with a curve ``label``."""
+    candidates = []
+    for path in Path(run_dir).glob("icl_eval_*.json"):
+        record = load_record(path)
+        if not record or "meta" not in record:
+            continue
+        meta = record["meta"]
+        if bool(meta.get("continual_switch_at")) != continual or meta.get("step_given"):
+            continue
+        if pick(record["curves"], label) is not None:
+            candidates.append((path.stat().st_mtime, path.name, record))
+    return max(candidates, key=lambda c: c[:2])[2] if candidates else None
+
+
+def curve_falls(curve: list[float]) -> bool:
+    """The loss falls with the examples: the last example below half the first, and the last quarter's mean
+    below the first quarter's (an early-ascent bump is allowed)."""
+    quarter = max(1, len(curve) // 4)
+    return curve[-1] < 0.5 * curve[0] and float(np.mean(curve[-quarter:])) < float(np.mean(curve[:quarter]))
+
+
+def curve_rebounds(curve: list[float], switch_at: int) -> bool:
+    """Continual task: the loss falls until the switch (example ``switch_at`` below half of example 1), jumps
+    after it (example switch_at + 1 above twice example switch_at), then falls again (the last below half the
+    jump)."""
+    before, after = curve[switch_at - 1], curve[switch_at]
+    return before < 0.5 * curve[0] and after > 2 * before and curve[-1] < 0.5 * after
+
+
+def _icl_reader(kind: str, what: str, continual: bool) -> Callable[[Path], Reading]:
+    label = ICL_LABELS[kind]
+
+    def read(run_dir: Path) -> Reading:
+        record = icl_record(run_dir, label, continual)
+        if record is None:
+            return MISSING
+        curve = pick(record["curves"], label)["mean"]
+        if what == "falls":
+            value = curve_falls(curve)
+        elif what == "rebounds":
+            value = curve_rebounds(curve, int(record["meta"]["continual_switch_at"]))
+        else:
+            value = _at(curve, what)
+        return Reading(value, record["meta"].get("step"))
+    return read
+
+
+# ----------------------------------------------------------------------------- the grammar
+
+_POS = r"(seq_avg|t\d+)"
+_RULES: list[tuple[str, Callable[[re.Match], tuple[str, Callable[[Path], Reading]]]]] = [
+    (r"eval\.(seq_avg|t\d+)", lambda m: ("eval", _eval_reader(None, m[1]))),
+    (rf"eval\.(gd1|ridge)\.{_POS}", lambda m: ("eval", _eval_reader(m[1], m[2]))),
+    (r"probe\.(target|precond|current)\.layer(\d+|last)\.t(\d+)", lambda m: ("probe:probes", _probe_reader(
+        "probes", lambda r: _layers_at(r, m[1], int(m[3]))[-1 if m[2] == "last" else int(m[2])]))),
+    (r"probe\.target\.t(\d+)\.falls", lambda m: ("probe:probes", _probe_reader(
+        "probes", lambda r: _strictly_falling(_layers_at(r, "target", int(m[1])))))),
+    (r"probe\.token\.t(\d+)", lambda m: ("probe:binding", _probe_reader(
+        "binding", lambda r: float(r["token_probe_mse"][r["t_prime"].index(int(m[1]))])))),
+    (r"probe\.linearize\.layer(\d+)", lambda m: ("probe:linearize", _probe_reader(
+        "linearize", lambda r: float(r["ratio"][int(m[1]) - 1]) if int(m[1]) >= 1 else None))),
+    (rf"probe\.prop2\.(model|chebyshev|gd1|ridge)\.{_POS}", lambda m: ("probe:prop2", _probe_reader(
+        "prop2", lambda r: _at(pick(r["per_position_loss"], PROP2_KEYS[m[1]]), m[2])))),
+    (r"probe\.compress\.(model|compressed)\.seq_avg", lambda m: ("probe:compress", _probe_reader(
+        "compress", lambda r: _at(pick(r["per_position_loss"], COMPRESS_KEYS[m[1]]), "seq_avg")))),
+    (r"icl\.(plain|eos|tuned|ar_lsq|lsq|gd1)\.(i\d+)", lambda m: ("icl", _icl_reader(m[1], m[2], False))),
+    (r"icl\.(plain|eos|tuned)\.falls", lambda m: ("icl", _icl_reader(m[1], "falls", False))),
+    (r"icl_continual\.(plain|eos|tuned)\.(i\d+)", lambda m: ("icl_continual", _icl_reader(m[1], m[2], True))),
+    (r"icl_continual\.(plain|eos|tuned)\.rebounds",
+     lambda m: ("icl_continual", _icl_reader(m[1], "rebounds", True))),
+]
+BOOLEAN_SUFFIXES = (".falls", ".rebounds")
+
+
+def parse_metric(text: str, where: str = "") -> Metric:
+    """The metric named ``text``; a MesaError names the grammar when it does not parse."""
+    for pattern, build in _RULES:
+        match = re.fullmatch(pattern, text or "")
+        if match:
+            analysis, read = build(match)
+            return Metric(text, analysis, read)
+    prefix = f"{where}: " if where else ""
+    raise MesaError(f"{prefix}unknown metric '{text}' (see mesacli/reproduce/metrics.py for the names)")
+
+
+def is_boolean(text: str) -> bool:
+    return text.endswith(BOOLEAN_SUFFIXES)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """``left op factor * right``; op None: ``left`` is a boolean metric."""
+
+    text: str
+    left: MetricRef | float
+    op: str | None = None
+    factor: float = 1.0
+    right: MetricRef | float | None = None
+
+    def refs(self) -> list[MetricRef]:
+        return [x for x in (self.left, self.right) if isinstance(x, MetricRef)]
+
+
+def _operand(text: str, check: str) -> MetricRef | float:
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    spec, _, metric = text.rpartition(":")
+    parse_metric(metric, f"check '{check}'")
+    return MetricRef(spec or None, metric)
+
+
+def parse_check(text: str) -> Check:
+    """``A < B``, ``A < 0.5 * B``, ``A ~ B`` or a boolean metric ``A``."""
+    match = re.fullmatch(r"\s*(\S+)\s*(<|>|~)\s*(?:([0-9.eE+-]+)\s*\*\s*)?(\S+)\s*", text)
+    if match:
+        left, op, factor, right = match.groups()
+        return Check(text, _operand(left, text), op, float(factor) if factor else 1.0, _operand(right, text))
+    left = _operand(text, text)
+    if not isinstance(left, MetricRef) or not is_boolean(left.metric):
+        raise MesaError(f"check '{text}': expected 'A < B', 'A < 0.5 * B', 'A ~ B' or a yes/no metric "
+                        f"(ending in {' or '.join(BOOLEAN_SUFFIXES)})")
+    return Check(text, left)
+
+
+def evaluate_check(check: Check, value_of: Callable[[MetricRef], float | bool | None],
+                   tolerance: float) -> bool | None:
+    """True / False, or None while an operand has no record yet."""
+    def value(operand):
+        return operand if isinstance(operand, float) else value_of(operand)
+
+    left = value(check.left)
+    if check.op is None:
+        return None if left is None else bool(left)
+    right = value(check.right)
+    if left is None or right is None:
+        return None
+    right = check.factor * right
+    if check.op == "<":
+        return bool(left < right)
+    if check.op == ">":
+        return bool(left > right)
+    return bool(abs(left - right) <= tolerance * abs(right))

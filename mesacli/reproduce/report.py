@@ -1,0 +1,177 @@
+"""`mesacli reproduce report`: results/REPORT.md and its figures, from the committed records alone.
+
+Per paper figure: a table of every entry (paper, ours, ratio, within tolerance or the claim holds, state) and
+plots of our curves with the paper's values as markers: per-position test loss (eval and Prop-2 entries), probe
+error across layers (probe entries), label loss per example (few-shot entries).  A miss is written as a miss.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import re
+from pathlib import Path
+
+from mesacli.reproduce import metrics
+from mesacli.reproduce.status import RESULTS_DIR, EntryStatus
+
+REPORT_FILE = "REPORT.md"
+FIGURES_DIR = "figures"
+
+
+def fmt_value(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def verdict(status: EntryStatus) -> str:
+    """'within' / 'MISS' (numbers), 'holds' / 'FAILS' (claims), 'not measured' (no record yet)."""
+    if status.within is None:
+        return "not measured"
+    if status.entry.is_claim:
+        return "holds" if status.within else "**FAILS**"
+    return "within" if status.within else "**MISS**"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _position_figure(rows: list[EntryStatus], results_dir: Path, path: Path, figure: str) -> Path | None:
+    """Per-position test loss of every spec an eval/Prop-2 entry of the figure reads, paper values as markers."""
+    from mesacli import plots
+
+    curves, points, dashed = {}, {}, []
+    for row in rows:
+        e = row.entry
+        m = re.fullmatch(r"(eval|probe\.prop2)\.(?:(gd1|ridge|chebyshev|model)\.)?(t\d+|seq_avg)", e.metric or "")
+        if not m:
+            continue
+        source, variant, position = m.groups()
+        run_dir = Path(results_dir) / e.spec
+        if source == "eval":
+            record = metrics.latest_eval_record(run_dir)
+            if variant is None:
+                name, curve = e.spec, record and record["per_position_loss"]
+            else:
+                name = f"{'GD-1' if variant == 'gd1' else 'ridge LSQ'} ({e.spec})"
+                curve = record and metrics.pick(record["baselines"], "GD-1" if variant == "gd1" else "ridge")
+                dashed.append(name)
+        else:
+            record = metrics.probe_record(run_dir, "prop2")
+            name = f"Prop-2 {variant} ({e.spec})"
+            curve = record and metrics.pick(record["per_position_loss"], metrics.PROP2_KEYS[variant])
+            dashed.append(name)
+        if curve:
+            curves[name] = curve
+        if position != "seq_avg":
+            points.setdefault(name, []).append((int(position[1:]), e.paper))
+    if not points:
+        return None
+    plots.ledger_plot(curves, points, path, title=f"{figure}: test loss per position, ours (lines) vs paper (o)",
+                      xlabel="position t", ylabel="test loss", dashed=tuple(dashed))
+    return path
+
+
+def _layer_figure(rows: list[EntryStatus], results_dir: Path, path: Path, figure: str) -> Path | None:
+    """Probe error across layers (0 = input) at the probed position, paper values as markers."""
+    from mesacli import plots
+
+    curves, points = {}, {}
+    for row in rows:
+        e = row.entry
+        m = re.fullmatch(r"probe\.(target|precond|current)\.layer(\d+|last)\.t(\d+)", e.metric or "")
+        if not m:
+            continue
+        target, layer, position = m.groups()
+        name = f"{target} probe, t={position} ({e.spec})"
+        record = metrics.probe_record(Path(results_dir) / e.spec, "probes")
+        per_layer = None
+        if record:
+            by_layer = metrics.pick(record["mse"], metrics.PROBE_TARGETS[target])
+            per_layer = [curve[int(position) - 1] for curve in by_layer]
+            curves[name] = per_layer
+        if layer == "last" and per_layer is None:
+            continue
+        points.setdefault(name, []).append((len(per_layer) - 1 if layer == "last" else int(layer), e.paper))
+    if not points:
+        return None
+    plots.ledger_plot(curves, points, path, title=f"{figure}: probe MSE per layer, ours (lines) vs paper (o)",
+                      xlabel="layer (0 = input)", ylabel="probe MSE", x_start=0)
+    return path
+
+
+def _icl_figure(rows: list[EntryStatus], results_dir: Path, path: Path, figure: str) -> Path | None:
+    """Label loss per example of the few-shot runs the figure's claims read (no paper numbers: claims)."""
+    from mesacli import plots
+
+    curves, dashed = {}, []
+    for spec in dict.fromkeys(r.entry.spec for r in rows if any("icl" in c for c in r.entry.checks)):
+        for continual in (False, True):
+            for kind, label in metrics.ICL_LABELS.items():
+                record = metrics.icl_record(Path(results_dir) / spec, label, continual)
+                if record is None:
+                    continue
+                name = f"{label} ({spec}{', continual' if continual else ''})"
+                curves[name] = metrics.pick(record["curves"], label)["mean"]
+                if kind in ("ar_lsq", "lsq", "gd1"):
+                    dashed.append(name)
+    if not curves:
+        return None
+    plots.ledger_plot(curves, {}, path, title=f"{figure}: label loss per example (the paper states claims)",
+                      xlabel="example i", ylabel="label loss", dashed=tuple(dashed))
+    return path
+
+
+def write_report(statuses: list[EntryStatus], results_dir: Path = RESULTS_DIR, *, about: str = "") -> Path:
+    """Write results_dir/REPORT.md and results_dir/figures/*.png; returns the report's path."""
+    results_dir = Path(results_dir)
+    figures_dir = results_dir / FIGURES_DIR
+    groups: dict[str, list[EntryStatus]] = {}
+    for status in statuses:
+        groups.setdefault(status.entry.figure, []).append(status)
+    done = sum(s.done for s in statuses)
+    measured = [s for s in statuses if s.within is not None]
+    misses = [s for s in measured if not s.within]
+    lines = ["# mesacli: the paper's results, reproduced",
+             "",
+             f"Generated by `mesacli reproduce report` on {datetime.date.today().isoformat()} ({platform.machine()}, "
+             f"Python {platform.python_version()}) from the records in `{results_dir}/`. Paper values: "
+             "`../shared/paper-spec.md` section 7 ([R] = the authors' stored results). Ours: one seed of the shipped "
+             "specs at their full step count, unless the state says otherwise.",
+             ""]
+    if about:
+        lines += [about, ""]
+    lines += [f"**{len(statuses)} entries: {done} done, {len(measured)} measured, "
+              f"{len(measured) - len(misses)} within tolerance or holding, {len(misses)} missed.**", ""]
+    if misses:
+        lines += ["Misses: " + ", ".join(f"`{s.entry.id}`" for s in misses) + ".", ""]
+    for figure, rows in groups.items():
+        lines += [f"## {figure}", "", "| id | spec | metric / claim | paper | ours | ratio | verdict | state |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in rows:
+            e = s.entry
+            what = e.claim or e.metric
+            if e.checks:
+                what += " (" + "; ".join(f"`{c}`" for c in e.checks) + ")"
+            ours = fmt_value(s.ours) + (f" @ {s.ours_step}" if s.ours is not None and not s.done else "")
+            ratio = "–" if s.ratio is None else f"{s.ratio:.2f}"
+            lines.append(f"| `{e.id}` | {e.spec} | {what} | {fmt_value(s.paper)} | {ours} | {ratio} | "
+                         f"{verdict(s)} | {s.state} |")
+        notes = [f"- `{s.entry.id}`: {s.entry.note}" for s in rows if s.entry.note]
+        if notes:
+            lines += [""] + notes
+        for kind, make in (("position", _position_figure), ("layers", _layer_figure), ("icl", _icl_figure)):
+            path = make(rows, results_dir, figures_dir / f"{_slug(figure)}-{kind}.png", figure)
+            if path is not None:
+                lines += ["", f"![{figure} ({kind})]({FIGURES_DIR}/{path.name})"]
+        lines.append("")
+    report = results_dir / REPORT_FILE
+    results_dir.mkdir(parents=True, exist_ok=True)
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(report)
+    return report

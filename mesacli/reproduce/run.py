@@ -1,0 +1,172 @@
+"""`mesacli reproduce run`: produce what the selected ledger entries need, a time budget at a time.
+
+For every spec the entries read (results/<spec>/, priority order): train or resume it from the shipped spec at its
+full step count, then run the spec's analyses whose records are missing or older than the final step (``eval``,
+``probe:<name>``, ``tune:<stage>``, ``icl:<prompts>``, ``icl_continual:<prompts>``).  The budget is a deadline for
+the training and tuning loops (``runtime.deadline``): when it passes, the step under way finishes and is saved,
+exactly as on SIGTERM, and no new stage starts; the next call resumes.  After each spec only the latest
+checkpoint is kept (the committed record holds one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+from mesacli import runtime
+from mesacli.errors import MesaError
+from mesacli.reproduce import metrics
+from mesacli.reproduce.ledger import Ledger
+from mesacli.reproduce.status import RESULTS_DIR, RunState, run_state, shipped_spec
+from mesacli.spec_loader import EXPERIMENTS_DIR
+
+
+def parse_budget(text: str) -> float:
+    """'150m', '2h', '1h30m', '90s' or a bare number of minutes -> seconds."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text) * 60.0
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text)
+    if not parts or re.sub(r"\s*(\d+(?:\.\d+)?)\s*[hms]\s*", "", text):
+        raise MesaError(f"--budget: '{text}' is not a duration such as 150m, 2h, 1h30m or 90s")
+    return sum(float(n) * {"h": 3600.0, "m": 60.0, "s": 1.0}[unit] for n, unit in parts)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+@dataclasses.dataclass
+class Stage:
+    spec: str
+    what: str  # "train" or an analysis of the ledger
+    seconds: float
+    detail: str = ""
+
+
+@dataclasses.dataclass
+class RunReport:
+    stages: list[Stage]
+    stopped: str | None  # "budget" or "SIGTERM" when stopped before all was produced
+    seconds: float
+    specs: list[str]
+
+
+def _icl_tag(prompts: str, continual: bool) -> str:
+    from mesacli.icl.evaluate import prompt_names
+
+    return "_".join(prompt_names(prompts)) + ("_continual" if continual else "")
+
+
+def analysis_current(analysis: str, run_dir: Path, total_steps: int, state: RunState) -> bool:
+    """Whether the record that ``analysis`` writes exists for the final step ``total_steps``."""
+    kind, _, arg = analysis.partition(":")
+    if kind == "eval":
+        record = metrics.latest_eval_record(run_dir)
+        return record is not None and record.get("step") == total_steps
+    if kind == "probe":
+        record = metrics.probe_record(run_dir, arg)
+        return record is not None and record.get("step") == total_steps
+    if kind == "tune":
+        return state.tuned
+    record = metrics.load_record(Path(run_dir) / f"icl_eval_{_icl_tag(arg, kind == 'icl_continual')}.json")
+    return record is not None and record.get("meta", {}).get("step") == total_steps
+
+
+def _run_analysis(analysis: str, run_dir: Path, progress: bool, say: Callable[[str], None]) -> tuple[str, bool]:
+    """Run one analysis; returns (a short detail, interrupted)."""
+    kind, _, arg = analysis.partition(":")
+    if kind == "eval":
+        from mesacli.evaluate import evaluate_run
+
+        report = evaluate_run(run_dir)
+        return f"seq-avg {float(report.curves[next(iter(report.curves))].mean()):.4f}", False
+    if kind == "probe":
+        from mesacli.probe import run_probe
+
+        result = run_probe(run_dir, [arg], report=say if progress else None)
+        return f"{result.seconds:.0f}s", False
+    if kind == "tune":
+        import jax
+
+        from mesacli.icl.tune import TuneConfig, prompt_tune
+
+        cfg = TuneConfig(micro_batch=16 if jax.default_backend() == "cpu" else None)  # same update, faster on CPU
+        results = prompt_tune(run_dir, arg, cfg, progress=progress)
+        last = results[-1]
+        return f"{last.stage} step {last.step}", last.interrupted or last.step < cfg.steps
+    from mesacli.icl.evaluate import icl_eval
+
+    report = icl_eval(run_dir, arg, continual=kind == "icl_continual")
+    return str(report.json_path.name if report.json_path else ""), False
+
+
+def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: float | None = None,
+                  results_dir: Path = RESULTS_DIR, experiments_dir: Path = EXPERIMENTS_DIR, progress: bool = True,
+                  say: Callable[[str], None] = print) -> RunReport:
+    """Train / resume and analyse what the entries ``ids`` (all by default) need, until done or out of budget."""
+    from mesacli import rundir
+    from mesacli.train import train
+
+    t0 = time.time()
+    entries = ledger.select(ids)
+    names = ledger.spec_order(entries)
+    stages: list[Stage] = []
+    stopped = None
+
+    def left() -> str:
+        rest = runtime.seconds_left()
+        return "" if rest is None else f", budget left {format_seconds(rest)}"
+
+    def must_stop() -> str | None:
+        if not runtime.stop_requested():
+            return None
+        rest = runtime.seconds_left()
+        return "budget" if rest is not None and rest <= 0 else "SIGTERM"
+
+    with runtime.stop_on_sigterm(), runtime.deadline(budget_s):
+        for n, name in enumerate(names, 1):
+            if (stopped := must_stop()) is not None:
+                break
+            plan = ledger.specs[name]
+            state = run_state(name, plan, results_dir, experiments_dir)
+            if state.outdated:
+                raise MesaError(f"{state.run_dir} was trained with a spec other than the shipped {name}.yaml; "
+                                f"move it away to retrain it from the shipped spec")
+            wanting = [e.id for e in entries if name in e.specs()]
+            head = f"[{n}/{len(names)}] {name} ({len(wanting)} entries: {', '.join(wanting[:3])}" + \
+                   (", ..." if len(wanting) > 3 else "") + ")"
+            if not state.trained:
+                say(f"{head}: training from step {state.trained_steps} of {state.total_steps}{left()}")
+                started = time.time()
+                result = train(shipped_spec(name, experiments_dir), state.run_dir, progress=progress)
+                rundir.prune_checkpoints(state.run_dir, keep=1)
+                stages.append(Stage(name, "train", time.time() - started, f"step {result.step}/{state.total_steps}"))
+                if result.interrupted or result.step < state.total_steps:
+                    stopped = must_stop() or "SIGTERM"
+                    break
+                state = run_state(name, plan, results_dir, experiments_dir)
+            for analysis in plan.analyses:
+                if (stopped := must_stop()) is not None:
+                    break
+                if analysis_current(analysis, state.run_dir, state.total_steps, state):
+                    continue
+                say(f"{head}: {analysis}{left()}")
+                started = time.time()
+                detail, interrupted = _run_analysis(analysis, state.run_dir, progress, say)
+                stages.append(Stage(name, analysis, time.time() - started, detail))
+                if interrupted:
+                    stopped = must_stop() or "SIGTERM"
+                    break
+                state = run_state(name, plan, results_dir, experiments_dir)
+            rundir.prune_checkpoints(state.run_dir, keep=1)
+            for stage_dir in (state.run_dir / rundir.TUNE_DIR).glob("*"):
+                rundir.prune_checkpoints(stage_dir, keep=1)
+            if stopped:
+                break
+    return RunReport(stages, stopped, time.time() - t0, names)

@@ -1,0 +1,174 @@
+"""Where every ledger entry stands: the paper's value, ours, the ratio, within tolerance (or the claim holds),
+the state of the runs it needs, and the CPU time left to produce it.
+
+States, for the specs an entry reads (results/<spec>/), the first that applies:
+``missing`` (no checkpoint), ``outdated`` (the run's spec.yaml is not the shipped spec), ``training N/M steps``,
+``tuning N/M steps`` (prompt tuning of a few-shot run), ``analysis pending`` (trained, a record the entry reads
+is missing or was made at an earlier step), ``done``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from mesacli.reproduce import metrics
+from mesacli.reproduce.ledger import Entry, Ledger
+from mesacli.spec_loader import EXPERIMENTS_DIR
+
+RESULTS_DIR = Path("results")
+TUNE_STAGES = {"eos": ("eos",), "prefix": ("prefix",), "both": ("eos", "prefix")}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunState:
+    """How far one experiment of the ledger is: trained steps, tuned steps, whether it follows the shipped spec."""
+
+    name: str
+    run_dir: Path
+    total_steps: int
+    trained_steps: int
+    outdated: bool
+    tune_total: int = 0  # steps of all tuning stages
+    tune_done: int = 0
+
+    @property
+    def trained(self) -> bool:
+        return not self.outdated and self.trained_steps >= self.total_steps
+
+    @property
+    def tuned(self) -> bool:
+        return self.tune_done >= self.tune_total
+
+    def label(self) -> str:
+        if self.outdated:
+            return "outdated (spec changed)"
+        if self.trained_steps == 0:
+            return "missing"
+        if not self.trained:
+            return f"training {self.trained_steps}/{self.total_steps} steps"
+        if not self.tuned:
+            return f"tuning {self.tune_done}/{self.tune_total} steps"
+        return "trained"
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryStatus:
+    entry: Entry
+    paper: float | None
+    ours: float | bool | None
+    ours_step: int | None  # checkpoint step of the record that gave ``ours``
+    ratio: float | None
+    within: bool | None  # within tolerance / the claim holds; None: not measured yet
+    state: str
+    cpu_left_s: float
+    values: dict[str, float | bool | None]  # every metric the entry reads ("spec:metric" -> value)
+    cpu_by_spec: dict[str, float] = dataclasses.field(default_factory=dict)  # cpu_left_s, per spec it reads
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+    def to_json(self) -> dict:
+        e = self.entry
+        return {"id": e.id, "figure": e.figure, "spec": e.spec, "seeds": e.seeds, "metric": e.metric,
+                "claim": e.claim, "checks": list(e.checks), "paper": self.paper, "ours": self.ours,
+                "ours_step": self.ours_step, "ratio": self.ratio, "tolerance": e.tolerance, "within": self.within,
+                "state": self.state, "cpu_left_s": round(self.cpu_left_s, 1), "source": e.source, "note": e.note,
+                "values": self.values}
+
+
+def shipped_spec(name: str, experiments_dir: Path = EXPERIMENTS_DIR):
+    from mesacli.spec import load_spec
+
+    return load_spec(Path(experiments_dir) / f"{name}.yaml")
+
+
+def run_state(name: str, plan, results_dir: Path = RESULTS_DIR, experiments_dir: Path = EXPERIMENTS_DIR) -> RunState:
+    """The state of results/<name> against the shipped spec ``name``."""
+    from mesacli import rundir
+    from mesacli.icl.tokens import checkpoints_dir
+    from mesacli.icl.tune import TuneConfig
+    from mesacli.spec import load_spec
+
+    spec = shipped_spec(name, experiments_dir)
+    run_dir = Path(results_dir) / name
+    steps = rundir.saved_steps(run_dir)
+    outdated = False
+    if (run_dir / rundir.SPEC_FILE).is_file():
+        try:
+            outdated = rundir.read_spec(run_dir, load_spec) != spec
+        except Exception:  # an unreadable spec.yaml is as good as another spec
+            outdated = True
+    tune_total = tune_done = 0
+    for analysis in plan.analyses:
+        kind, _, what = analysis.partition(":")
+        if kind == "tune":
+            for stage in TUNE_STAGES[what]:
+                tune_total += TuneConfig().steps
+                tuned = rundir.saved_steps(checkpoints_dir(run_dir, stage).parent)
+                tune_done += min(max(tuned, default=0), TuneConfig().steps)
+    return RunState(name, run_dir, spec.train.steps, max(steps, default=0), outdated, tune_total, tune_done)
+
+
+def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> EntryStatus:
+    values, steps, pending = {}, {}, []
+    for ref in entry.metric_refs():
+        state = states[ref.spec]
+        reading = metrics.parse_metric(ref.metric).read(state.run_dir)
+        values[str(ref)] = reading.value
+        steps[str(ref)] = reading.step
+        if reading.value is None or reading.step != state.total_steps:
+            pending.append(ref)
+    runs = [states[name] for name in entry.specs()]
+    not_ready = [s for s in runs if not (s.trained and s.tuned)]
+    if not_ready:
+        state = "; ".join(f"{s.name}: {s.label()}" if len(runs) > 1 else s.label() for s in not_ready)
+    elif pending:
+        state = "analysis pending"
+    else:
+        state = "done"
+    cpu_by_spec = {}
+    for run in runs:
+        plan = ledger.specs[run.name]
+        left = run.total_steps if run.outdated else max(0, run.total_steps - run.trained_steps)
+        cpu = left * plan.step_seconds + (run.tune_total - run.tune_done) * plan.tune_step_seconds
+        if any(ref.spec == run.name for ref in pending):
+            cpu += plan.analysis_seconds
+        cpu_by_spec[run.name] = cpu
+    ours = ours_step = ratio = None
+    if entry.metric is not None:
+        main = metrics.MetricRef(entry.spec, entry.metric)
+        if not entry.checks:
+            ours, ours_step = values[str(main)], steps[str(main)]
+        else:  # a claim with a headline number: read it as well
+            reading = metrics.parse_metric(entry.metric).read(states[entry.spec].run_dir)
+            ours, ours_step = reading.value, reading.step
+        if isinstance(ours, float) and entry.paper:
+            ratio = ours / entry.paper
+    if entry.checks:
+        results = [metrics.evaluate_check(metrics.parse_check(c), lambda ref: values[str(ref.on(entry.spec))],
+                                          entry.tolerance) for c in entry.checks]
+        within = None if any(r is None for r in results) else all(results)
+    else:
+        within = None if ratio is None else bool(abs(ratio - 1.0) <= entry.tolerance)
+    return EntryStatus(entry, entry.paper, ours, ours_step, ratio, within, state, sum(cpu_by_spec.values()), values,
+                       cpu_by_spec)
+
+
+def ledger_status(ledger: Ledger, ids: list[str] | None = None, results_dir: Path = RESULTS_DIR,
+                  experiments_dir: Path = EXPERIMENTS_DIR) -> list[EntryStatus]:
+    """The status of the named entries (all by default), in priority order."""
+    entries = ledger.select(ids)
+    states = {name: run_state(name, ledger.specs[name], results_dir, experiments_dir)
+              for name in ledger.spec_order(entries)}
+    return [_entry_status(entry, ledger, states) for entry in entries]
+
+
+def total_cpu_left(statuses: list[EntryStatus]) -> float:
+    """CPU seconds left for all the entries together: a run that several entries share is counted once."""
+    per_spec: dict[str, float] = {}
+    for status in statuses:
+        for name, seconds in status.cpu_by_spec.items():
+            per_spec[name] = max(per_spec.get(name, 0.0), seconds)
+    return sum(per_spec.values())

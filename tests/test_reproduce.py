@@ -1,0 +1,295 @@
+"""The ledger (mesacli reproduce): registry, metrics, status, report, budgeted runs, and the committed results/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import TINY, merge
+
+from mesacli.errors import MesaError
+from mesacli.reproduce import metrics
+from mesacli.reproduce.ledger import load_ledger
+from mesacli.reproduce.report import write_report
+from mesacli.reproduce.run import parse_budget, reproduce_run
+from mesacli.reproduce.status import ledger_status
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+MB = 1024 * 1024
+
+# ----------------------------------------------------------------------------- the shipped registry
+
+
+def test_shipped_ledger_resolves_every_entry_to_a_spec_and_a_metric():
+    ledger = load_ledger()  # validates: shipped spec, known analyses, metrics that parse and are produced
+    figures = {e.figure for e in ledger.entries}
+    for figure in ("Fig. 4C/D", "Fig. 4E/F", "Fig. 6C", "Fig. 7A", "Fig. 6A/B", "Fig. 3A", "Fig. 5", "Fig. 8A",
+                   "Fig. 8B", "Fig. 18", "App. E", "Fig. 7B", "Fig. 7C"):
+        assert figure in figures, figure  # every group of paper-spec section 7
+    for entry in ledger.entries:
+        for ref in entry.metric_refs():
+            assert ref.spec in ledger.specs
+            assert metrics.parse_metric(ref.metric).analysis
+    ids = [e.id for e in ledger.entries]
+    assert len(ids) == len(set(ids))
+    numbers = [e for e in ledger.entries if not e.checks]
+    assert all(e.paper is not None and e.metric for e in numbers)
+    preconds = [e for e in ledger.entries if e.metric and ".precond." in e.metric]
+    assert len(preconds) >= 4  # the preconditioning probes are covered
+
+
+def _write_ledger(tmp_path, text: str) -> Path:
+    path = tmp_path / "ledger.yaml"
+    path.write_text(text)
+    return path
+
+
+def _tiny_experiments(tmp_path, **sections) -> Path:
+    experiments = tmp_path / "experiments"
+    experiments.mkdir(exist_ok=True)
+    (experiments / "tiny.yaml").write_text(yaml.safe_dump(merge(TINY, sections)))
+    return experiments
+
+
+@pytest.mark.parametrize("text, message", [
+    ("specs: {tiny: {step_seconds: 1, analyses: [eval]}}\nentries:\n"
+     "  - {id: a, figure: F, spec: tiny, metric: eval.seq_avg, paper: 1, priority: 1, tolerence: 0.2}",
+     "did you mean 'tolerance'"),
+    ("specs: {tiny: {step_seconds: 1, analyses: [eval]}}\nentries:\n"
+     "  - {id: a, figure: F, spec: tiny, metric: eval.sequence, paper: 1, priority: 1}", "unknown metric"),
+    ("specs: {tiny: {step_seconds: 1, analyses: [eval]}}\nentries:\n"
+     "  - {id: a, figure: F, spec: tiny, metric: probe.token.t3, paper: 1, priority: 1}",
+     "needs the analysis 'probe:binding'"),
+    ("specs: {nothere: {step_seconds: 1}}\nentries: []", "no shipped spec nothere.yaml"),
+    ("specs: {tiny: {step_seconds: 1, analyses: [probe:nope]}}\nentries: []", "unknown probe analysis"),
+    ("specs: {tiny: {step_seconds: 1}}\nentries:\n"
+     "  - {id: a, figure: F, spec: tiny, metric: eval.t1, paper: 1, priority: 1}\n"
+     "  - {id: a, figure: F, spec: tiny, metric: eval.t2, paper: 1, priority: 1}", "duplicate id"),
+    ("specs: {tiny: {step_seconds: 1}}\nentries:\n"
+     "  - {id: a, figure: F, spec: tiny, claim: c, checks: ['eval.t1 <= eval.t2'], priority: 1}", "unknown metric"),
+    ("specs: {tiny: {step_seconds: 1}}\nentries:\n"
+     "  - {id: a, figure: F, spec: tiny, claim: c, checks: ['other:eval.t1 < eval.t2'], priority: 1}",
+     "spec 'other' is not in the ledger"),
+])
+def test_ledger_rejects_a_bad_entry_in_one_line(tmp_path, text, message):
+    experiments = _tiny_experiments(tmp_path)
+    with pytest.raises(MesaError, match=message) as err:
+        load_ledger(_write_ledger(tmp_path, text), experiments)
+    assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- metrics and checks
+
+
+def test_metrics_read_the_records_that_eval_probe_and_icl_eval_write(tmp_path):
+    run = tmp_path / "run"
+    (run / "probe").mkdir(parents=True)
+    curve = [1.0, 0.5, 0.25, 0.2]
+    (run / "eval_step3.json").write_text(json.dumps({"step": 3, "per_position_loss": [9, 9, 9, 9]}))
+    (run / "eval_step10.json").write_text(json.dumps({  # the latest step wins (10 > 3, not text order)
+        "step": 10, "seq_avg_loss": float(np.mean(curve)), "per_position_loss": curve,
+        "baselines": {"GD-1 (eta=0.03)": [2.0, 1.5, 1.0, 0.9], "ridge LSQ (lam=0.001)": [1.0, 0.1, 0.01, 0.001]}}))
+    (run / "probe" / "probes.json").write_text(json.dumps({"step": 10, "mse": {
+        "next s_{t+1}": [[3, 3, 3, 3], [2, 2, 1, 2], [1, 1, 0.5, 2.5]],
+        "precond (SS^T+lam I)^{-1} s_t": [[5, 5, 5, 5], [4, 4, 4, 4], [6, 6, 6, 6]],
+        "current s_t": [[0, 0, 0, 0]] * 3}}))
+    (run / "probe" / "binding.json").write_text(json.dumps({"step": 10, "t_prime": [2, 3, 4],
+                                                            "token_probe_mse": [0.3, 0.2, 0.0]}))
+    icl_curves = {"model (plain)": {"mean": [1.0, 1.2, 0.6, 0.3, 0.2, 0.1]},
+                  "AR ridge LSQ, all token pairs (lam=0.001)": {"mean": [1.0, 0.5, 0.2, 0.1, 0.05, 0.02]}}
+    (run / "icl_eval_plain.json").write_text(json.dumps({"meta": {"step": 10, "continual_switch_at": None},
+                                                          "curves": icl_curves}))
+    continual = {"model (plain)": {"mean": [1.0, 0.4, 0.2, 1.5, 0.8, 0.3]}}
+    (run / "icl_eval_plain_continual.json").write_text(json.dumps({"meta": {"step": 10, "continual_switch_at": 3},
+                                                                    "curves": continual}))
+
+    def read(name):
+        reading = metrics.parse_metric(name).read(run)
+        return reading.value
+
+    assert read("eval.seq_avg") == pytest.approx(np.mean(curve))
+    assert metrics.parse_metric("eval.t2").read(run) == metrics.Reading(0.5, 10)
+    assert read("eval.gd1.t4") == 0.9 and read("eval.ridge.seq_avg") == pytest.approx(0.27775)
+    assert read("probe.target.layer0.t3") == 3 and read("probe.target.layerlast.t3") == 0.5
+    assert read("probe.precond.layer1.t1") == 4
+    assert read("probe.target.t3.falls") is True and read("probe.target.t4.falls") is False
+    assert read("probe.token.t3") == 0.2
+    assert read("icl.plain.i3") == 0.6 and read("icl.ar_lsq.i6") == 0.02
+    assert read("icl.plain.falls") is True  # an early bump (i = 2) is allowed
+    assert read("icl_continual.plain.rebounds") is True
+    assert read("icl.tuned.i3") is None  # no tuned curve: not measured
+    assert metrics.parse_metric("probe.prop2.chebyshev.t50").read(run) == metrics.MISSING
+
+
+def test_checks_compare_with_factors_tolerances_and_missing_values():
+    values = {"eval.t1": 1.0, "eval.t2": 3.0, "eval.t3": None, "x:eval.t1": 2.9}
+
+    def check(text, tolerance=0.1):
+        parsed = metrics.parse_check(text)
+        return metrics.evaluate_check(parsed, lambda ref: values[str(ref)], tolerance)
+
+    assert check("eval.t1 < 0.5 * eval.t2") is True
+    assert check("eval.t1 < 0.3 * eval.t2") is False
+    assert check("x:eval.t1 ~ eval.t2") is True and check("x:eval.t1 ~ eval.t2", tolerance=0.01) is False
+    assert check("eval.t1 < 0.9") is False
+    assert check("eval.t3 < eval.t2") is None
+    with pytest.raises(MesaError, match="yes/no metric"):
+        metrics.parse_check("eval.t1")
+
+
+def test_budget_parsing():
+    assert parse_budget("150m") == 9000 and parse_budget("2h") == 7200 and parse_budget("1h30m") == 5400
+    assert parse_budget("90s") == 90 and parse_budget("10") == 600
+    for bad in ("soon", "5x", "1h then 3m"):
+        with pytest.raises(MesaError, match="--budget"):
+            parse_budget(bad)
+
+
+# ----------------------------------------------------------------------------- status, run, report on tiny runs
+
+TINY_LEDGER = """
+specs:
+  tiny: {step_seconds: 0.5, analyses: [eval]}
+entries:
+  - {id: tiny-seqavg, figure: Fig. T, spec: tiny, metric: eval.seq_avg, paper: PAPER_OK, priority: 1}
+  - {id: tiny-t8-miss, figure: Fig. T, spec: tiny, metric: eval.t8, paper: PAPER_MISS, priority: 1}
+  - id: tiny-claim
+    figure: Fig. T
+    spec: tiny
+    claim: "the model beats GD-1 by a factor 100"
+    checks: ["eval.seq_avg < 0.01 * eval.gd1.seq_avg"]
+    priority: 2
+"""
+
+
+def test_budget_stops_like_sigterm_and_the_next_call_resumes_to_the_uninterrupted_result(tmp_path):
+    steps = 3000  # ~1 ms each: a 1.5 s budget runs out inside the training loop (after compilation)
+    experiments = _tiny_experiments(tmp_path, train={"steps": steps, "eval_every": 1000, "checkpoint_every": 1000,
+                                                     "log_every": 100})
+    ledger = load_ledger(_write_ledger(tmp_path, TINY_LEDGER.replace("PAPER_OK", "1").replace("PAPER_MISS", "1")),
+                         experiments)
+    results = tmp_path / "results"
+    said = []
+    first = reproduce_run(ledger, None, budget_s=1.5, results_dir=results, experiments_dir=experiments,
+                          progress=False, say=said.append)
+    assert first.stopped == "budget" and [s.what for s in first.stages] == ["train"]
+    assert f"training from step 0 of {steps}" in said[0] and "budget left" in said[0]
+    status = ledger_status(ledger, None, results, experiments)
+    stopped_at = int(status[0].state.split()[1].split("/")[0])
+    assert 1 <= stopped_at < steps and status[0].state == f"training {stopped_at}/{steps} steps"
+    assert status[0].within is None
+    assert status[0].cpu_left_s == pytest.approx((steps - stopped_at) * 0.5 + 120.0)  # steps left, then analyses
+    assert [p.name for p in (results / "tiny" / "checkpoints").iterdir()] == [str(stopped_at)]  # the step saved
+
+    nothing = reproduce_run(ledger, None, budget_s=0.0, results_dir=results, experiments_dir=experiments,
+                            progress=False, say=said.append)
+    assert nothing.stopped == "budget" and nothing.stages == []  # no budget: nothing starts
+
+    second = reproduce_run(ledger, None, results_dir=results, experiments_dir=experiments, progress=False,
+                           say=said.append)
+    assert second.stopped is None and [s.what for s in second.stages] == ["train", "eval"]
+    assert [p.name for p in (results / "tiny" / "checkpoints").iterdir()] == [str(steps)]  # one checkpoint kept
+    resumed = json.loads((results / "tiny" / f"eval_step{steps}.json").read_text())
+
+    straight = tmp_path / "straight"
+    reproduce_run(ledger, None, results_dir=straight, experiments_dir=experiments, progress=False, say=said.append)
+    uninterrupted = json.loads((straight / "tiny" / f"eval_step{steps}.json").read_text())
+    np.testing.assert_allclose(resumed["per_position_loss"], uninterrupted["per_position_loss"], rtol=1e-5)
+
+    third = reproduce_run(ledger, None, results_dir=results, experiments_dir=experiments, progress=False,
+                          say=said.append)
+    assert third.stages == [] and third.stopped is None  # nothing left to do
+
+
+def test_status_and_report_show_a_miss_as_a_miss(tmp_path):
+    experiments = _tiny_experiments(tmp_path)
+    results = tmp_path / "results"
+    probe = load_ledger(_write_ledger(tmp_path, TINY_LEDGER.replace("PAPER_OK", "1").replace("PAPER_MISS", "1")),
+                        experiments)
+    reproduce_run(probe, ["tiny-seqavg"], results_dir=results, experiments_dir=experiments, progress=False,
+                  say=lambda _: None)
+    record = json.loads((results / "tiny" / "eval_step6.json").read_text())
+    ours_seq, ours_t8 = record["seq_avg_loss"], record["per_position_loss"][7]
+    ledger = load_ledger(_write_ledger(tmp_path, TINY_LEDGER.replace("PAPER_OK", f"{ours_seq * 1.05:.6f}")
+                                       .replace("PAPER_MISS", f"{ours_t8 * 3:.6f}")), experiments)
+    by_id = {s.entry.id: s for s in ledger_status(ledger, None, results, experiments)}
+    ok, miss, claim = by_id["tiny-seqavg"], by_id["tiny-t8-miss"], by_id["tiny-claim"]
+    assert ok.state == miss.state == claim.state == "done"
+    assert ok.ours == pytest.approx(ours_seq) and ok.ratio == pytest.approx(1 / 1.05, rel=1e-4) and ok.within
+    assert miss.ratio == pytest.approx(1 / 3, rel=1e-4) and miss.within is False
+    assert claim.within is False  # a tiny model does not beat GD-1 by a factor 100
+    assert ledger_status(ledger, ["tiny-claim"], results, experiments)[0].entry.id == "tiny-claim"
+    with pytest.raises(MesaError, match="did you mean 'tiny-claim'"):
+        ledger_status(ledger, ["tiny-clam"], results, experiments)
+
+    report = write_report(list(by_id.values()), results).read_text()
+    assert "**MISS**" in report and "`tiny-t8-miss`" in report.split("Misses:")[1].splitlines()[0]
+    assert "**FAILS**" in report and "| within |" in report
+    figure = results / "figures" / "fig-t-position.png"
+    assert figure.is_file() and f"figures/{figure.name}" in report
+
+
+def test_status_marks_a_run_of_another_spec_as_outdated(tmp_path):
+    experiments = _tiny_experiments(tmp_path)
+    ledger = load_ledger(_write_ledger(tmp_path, TINY_LEDGER.replace("PAPER_OK", "1").replace("PAPER_MISS", "1")),
+                         experiments)
+    results = tmp_path / "results"
+    reproduce_run(ledger, ["tiny-seqavg"], results_dir=results, experiments_dir=experiments, progress=False,
+                  say=lambda _: None)
+    _tiny_experiments(tmp_path, train={"lr": 5e-3})  # the shipped spec changed since
+    status = ledger_status(ledger, ["tiny-seqavg"], results, experiments)[0]
+    assert status.state == "outdated (spec changed)"
+    with pytest.raises(MesaError, match="trained with a spec other than the shipped tiny.yaml"):
+        reproduce_run(ledger, ["tiny-seqavg"], results_dir=results, experiments_dir=experiments, progress=False,
+                      say=lambda _: None)
+
+
+def test_cli_status_json_and_a_bad_budget(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mesacli.cli", "reproduce", "status", "--json", "--results",
+                          str(tmp_path / "empty")], capture_output=True, text=True, check=True)
+    rows = json.loads(out.stdout)
+    assert len(rows) == len(load_ledger().entries)
+    assert {"id", "paper", "ours", "within", "state"} <= set(rows[0])
+    assert all("missing" in r["state"] and r["within"] is None for r in rows)
+    bad = subprocess.run([sys.executable, "-m", "mesacli.cli", "reproduce", "run", "--budget", "soon",
+                          "--results", str(tmp_path / "empty")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "--budget: 'soon' is not a duration" in bad.stderr + bad.stdout
+
+
+# ----------------------------------------------------------------------------- the committed record
+
+
+def test_committed_results_stay_within_the_size_caps():
+    if not RESULTS.is_dir():
+        pytest.skip("no results/ in this checkout")
+    total = 0
+    for run in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
+        size = sum(f.stat().st_size for f in run.rglob("*") if f.is_file())
+        total += size
+        assert size <= 5 * MB, f"results/{run.name}: {size / MB:.1f} MB > 5 MB"
+        for ckpt_dir in run.rglob("checkpoints"):
+            kept = [p for p in ckpt_dir.iterdir() if p.is_dir()]
+            assert len(kept) <= 1, f"{ckpt_dir}: {len(kept)} checkpoints (the record keeps one)"
+        for log in run.rglob("*.jsonl"):
+            assert sum(1 for _ in log.open()) <= 5000, f"{log}: more than 5000 lines"
+    total += sum(f.stat().st_size for f in RESULTS.iterdir() if f.is_file())
+    assert total <= 60 * MB, f"results/: {total / MB:.1f} MB > 60 MB"
+
+
+def test_committed_results_are_resumable_runs_of_the_shipped_specs():
+    if not RESULTS.is_dir():
+        pytest.skip("no results/ in this checkout")
+    ledger = load_ledger()
+    statuses = ledger_status(ledger, None, RESULTS)
+    assert not any(s.state.startswith("outdated") for s in statuses)
+    for name in {n for s in statuses for n in s.entry.specs()}:
+        run = RESULTS / name
+        if run.is_dir():
+            assert (run / "spec.yaml").is_file()
