@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow test-distributed lint format clean bench bench-seeds lm-compare paper-probe paper-icl
+.PHONY: install run test test-slow test-distributed lint format clean bench bench-seeds lm-compare paper-probe paper-icl \
+	reproduce report
 
 install: $(STAMP)
 
@@ -64,3 +65,13 @@ format: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The ledger of the paper's results (mesacli reproduce): train / resume what is missing, a budget at a time.
+BUDGET ?= 150m
+
+reproduce: install  ## train and analyse the ledger's entries for BUDGET (resumable), then write results/REPORT.md
+	$(VENV)/bin/mesacli reproduce run --budget $(BUDGET) --no-progress; rc=$$?; \
+	$(VENV)/bin/mesacli reproduce report && exit $$rc
+
+report: install  ## results/REPORT.md and results/figures/ from the committed records
+	$(VENV)/bin/mesacli reproduce report

@@ -232,8 +232,9 @@ def probe(
     step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the latest)."),
     seeds: int = typer.Option(5, help="Data seeds (probe batches) to average over."),
     batch_size: int = typer.Option(256, help="Sequences per probe batch."),
-    precond: str = typer.Option("exact", help="Preconditioned-input probe target: exact (float64 solve) or "
-                                              "chebyshev (the paper's learned 6-step coefficients)."),
+    precond: str = typer.Option("auto", help="Preconditioned-input probe target (S S^T + lam I)^-1 s_t: chebyshev "
+                                             "(the paper's: its learned 6-step inverse), exact (float64 solve), or "
+                                             "auto = chebyshev on fully observed linear tasks, else exact."),
     prop2_steps: int = typer.Option(2000, help="Adam steps to learn the Prop-2 solver coefficients (paper: 20k)."),
     prop2_k: Optional[int] = typer.Option(None, help="Prop-2 solver steps k (default: model layers - 1)."),
     gd1_phi0_steps: int = typer.Option(0, help="prop1: also fit GD-1 with a learned Phi_0 for this many Adam steps."),
@@ -246,8 +247,8 @@ def probe(
     """Reverse-engineer a trained run (paper section 4): writes RUN_DIR/probe/*.json, *.png and summary.md."""
     from mesacli.probe import run_probe
 
-    if precond not in ("exact", "chebyshev"):
-        raise MesaError(f"--precond must be exact or chebyshev, got {precond!r}")
+    if precond not in ("auto", "exact", "chebyshev"):
+        raise MesaError(f"--precond must be auto, exact or chebyshev, got {precond!r}")
     options = {"precond": precond, "prop2_train_steps": prop2_steps, "distil_steps": distil_steps,
                "distil_lr": distil_lr,
                "interpolation_steps": interpolation_steps, "gd1_phi0_steps": gd1_phi0_steps}

@@ -307,6 +307,7 @@ def test_probes_on_the_tiny_run(probed):
     nxt = np.asarray(r["mse"][linprobe.TARGETS[0]])
     assert nxt.shape == (2, 8) and np.all(nxt >= 0)
     assert len(r["control_mse"]) == 8
+    assert r["precond"] == "chebyshev"  # by default the paper's target (its learned Chebyshev inverse)
 
 
 def test_binding_on_the_tiny_run(probed):

@@ -95,7 +95,7 @@ def test_metrics_read_the_records_that_eval_probe_and_icl_eval_write(tmp_path):
     (run / "eval_step10.json").write_text(json.dumps({  # the latest step wins (10 > 3, not text order)
         "step": 10, "seq_avg_loss": float(np.mean(curve)), "per_position_loss": curve,
         "baselines": {"GD-1 (eta=0.03)": [2.0, 1.5, 1.0, 0.9], "ridge LSQ (lam=0.001)": [1.0, 0.1, 0.01, 0.001]}}))
-    (run / "probe" / "probes.json").write_text(json.dumps({"step": 10, "mse": {
+    (run / "probe" / "probes.json").write_text(json.dumps({"step": 10, "precond": "chebyshev", "mse": {
         "next s_{t+1}": [[3, 3, 3, 3], [2, 2, 1, 2], [1, 1, 0.5, 2.5]],
         "precond (SS^T+lam I)^{-1} s_t": [[5, 5, 5, 5], [4, 4, 4, 4], [6, 6, 6, 6]],
         "current s_t": [[0, 0, 0, 0]] * 3}}))
@@ -125,6 +125,10 @@ def test_metrics_read_the_records_that_eval_probe_and_icl_eval_write(tmp_path):
     assert read("icl_continual.plain.rebounds") is True
     assert read("icl.tuned.i3") is None  # no tuned curve: not measured
     assert metrics.parse_metric("probe.prop2.chebyshev.t50").read(run) == metrics.MISSING
+    exact = json.loads((run / "probe" / "probes.json").read_text()) | {"precond": "exact"}
+    (run / "probe" / "probes.json").write_text(json.dumps(exact))
+    assert read("probe.precond.layer1.t1") is None  # the exact solve is not the paper's target: not measured
+    assert read("probe.target.layer0.t3") == 3  # the other probes stand
 
 
 def test_checks_compare_with_factors_tolerances_and_missing_values():
@@ -248,6 +252,41 @@ def test_status_marks_a_run_of_another_spec_as_outdated(tmp_path):
     with pytest.raises(MesaError, match="trained with a spec other than the shipped tiny.yaml"):
         reproduce_run(ledger, ["tiny-seqavg"], results_dir=results, experiments_dir=experiments, progress=False,
                       say=lambda _: None)
+
+
+ICL_LEDGER = """
+specs:
+  tiny: {step_seconds: 0.1, analyses: ["tune:both", "icl:plain,eos,tuned", "icl_continual:plain"],
+         tune_steps: 3, tune_prefix_len: 2, icl_seeds: 1, icl_batch: 16}
+entries:
+  - {id: icl-falls, figure: Fig. I, spec: tiny, claim: "label loss falls", checks: ["icl.plain.falls"], priority: 1}
+  - {id: icl-eos, figure: Fig. I, spec: tiny, claim: "EOS helps", checks: ["icl.eos.i4 < icl.plain.i4"], priority: 1}
+  - {id: icl-tuned, figure: Fig. I, spec: tiny, claim: "prefix helps", checks: ["icl.tuned.i4 < 2 * icl.ar_lsq.i4"],
+     priority: 1}
+  - {id: icl-switch, figure: Fig. I, spec: tiny, claim: "rebounds", checks: ["icl_continual.plain.rebounds"],
+     priority: 1}
+"""
+
+
+def test_a_few_shot_entry_trains_tunes_and_evaluates_then_reports(tmp_path):
+    experiments = _tiny_experiments(tmp_path, task={"state_dim": 3, "obs_dim": 3, "seq_len": 16},
+                                    model={"attention": "softmax"},
+                                    train={"steps": 20, "batch_size": 16, "lr": 3e-2, "eval_every": 20,
+                                           "checkpoint_every": 10})
+    ledger = load_ledger(_write_ledger(tmp_path, ICL_LEDGER), experiments)
+    results = tmp_path / "results"
+    report = reproduce_run(ledger, None, results_dir=results, experiments_dir=experiments, progress=False,
+                           say=lambda _: None)
+    assert [s.what for s in report.stages] == ["train", "tune:both", "icl:plain,eos,tuned", "icl_continual:plain"]
+    run = results / "tiny"
+    for stage in ("eos", "prefix"):  # one checkpoint kept per tuning stage, at the last step
+        assert [p.name for p in (run / "prompt_tune" / stage / "checkpoints").iterdir()] == ["3"]
+    statuses = ledger_status(ledger, None, results, experiments)
+    assert all(s.state == "done" and s.within is not None for s in statuses), [s.state for s in statuses]
+    values = {k: v for s in statuses for k, v in s.values.items()}
+    assert isinstance(values["tiny:icl.plain.falls"], bool) and values["tiny:icl.eos.i4"] > 0
+    text = write_report(statuses, results).read_text()
+    assert "fig-i-icl.png" in text and (results / "figures" / "fig-i-icl.png").is_file()
 
 
 def test_cli_status_json_and_a_bad_budget(tmp_path):

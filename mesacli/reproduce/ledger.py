@@ -28,6 +28,10 @@ class SpecPlan:
     analyses: tuple[str, ...] = ("eval",)
     analysis_seconds: float = 120.0  # measured (or estimated) cost of the analyses other than prompt tuning
     tune_step_seconds: float = 0.5  # one prompt-tuning step (tune:<stage> analyses)
+    tune_steps: int = 5000  # Adam steps per tuning stage (prompt-tune --steps)
+    tune_prefix_len: int = 20  # prompt-tune --prefix-len
+    icl_seeds: int = 5  # icl-eval --seeds (data seeds) and --batch (prompts per seed)
+    icl_batch: int = 128
     note: str = ""  # where the spec deviates from the paper
 
 

@@ -134,7 +134,15 @@ def _probe_reader(name: str, value: Callable[[dict], Any]) -> Callable[[Path], R
     return read
 
 
+def probe_record_current(name: str, record: dict) -> bool:
+    """Whether a probe record follows the paper's definitions: the preconditioning probe's target through the
+    paper's learned Chebyshev inverse (``--precond auto`` on the ledger's tasks), not the exact solve."""
+    return name != "probes" or record.get("precond") == "chebyshev"
+
+
 def _layers_at(record: dict, target: str, position: int) -> list[float]:
+    if target == "precond" and not probe_record_current("probes", record):
+        raise ValueError("an exact-solve record: not the paper's target")
     per_layer = pick(record["mse"], PROBE_TARGETS[target])
     return [float(curve[position - 1]) for curve in per_layer]
 

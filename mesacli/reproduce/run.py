@@ -71,14 +71,14 @@ def analysis_current(analysis: str, run_dir: Path, total_steps: int, state: RunS
         return record is not None and record.get("step") == total_steps
     if kind == "probe":
         record = metrics.probe_record(run_dir, arg)
-        return record is not None and record.get("step") == total_steps
+        return record is not None and record.get("step") == total_steps and metrics.probe_record_current(arg, record)
     if kind == "tune":
         return state.tuned
     record = metrics.load_record(Path(run_dir) / f"icl_eval_{_icl_tag(arg, kind == 'icl_continual')}.json")
     return record is not None and record.get("meta", {}).get("step") == total_steps
 
 
-def _run_analysis(analysis: str, run_dir: Path, progress: bool, say: Callable[[str], None]) -> tuple[str, bool]:
+def _run_analysis(analysis: str, plan, run_dir: Path, progress: bool, say: Callable[[str], None]) -> tuple[str, bool]:
     """Run one analysis; returns (a short detail, interrupted)."""
     kind, _, arg = analysis.partition(":")
     if kind == "eval":
@@ -96,13 +96,14 @@ def _run_analysis(analysis: str, run_dir: Path, progress: bool, say: Callable[[s
 
         from mesacli.icl.tune import TuneConfig, prompt_tune
 
-        cfg = TuneConfig(micro_batch=16 if jax.default_backend() == "cpu" else None)  # same update, faster on CPU
+        micro = 16 if jax.default_backend() == "cpu" and TuneConfig.batch % 16 == 0 else None  # same update, faster
+        cfg = TuneConfig(steps=plan.tune_steps, prefix_len=plan.tune_prefix_len, micro_batch=micro)
         results = prompt_tune(run_dir, arg, cfg, progress=progress)
         last = results[-1]
         return f"{last.stage} step {last.step}", last.interrupted or last.step < cfg.steps
     from mesacli.icl.evaluate import icl_eval
 
-    report = icl_eval(run_dir, arg, continual=kind == "icl_continual")
+    report = icl_eval(run_dir, arg, continual=kind == "icl_continual", seeds=plan.icl_seeds, batch=plan.icl_batch)
     return str(report.json_path.name if report.json_path else ""), False
 
 
@@ -158,7 +159,7 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
                     continue
                 say(f"{head}: {analysis}{left()}")
                 started = time.time()
-                detail, interrupted = _run_analysis(analysis, state.run_dir, progress, say)
+                detail, interrupted = _run_analysis(analysis, plan, state.run_dir, progress, say)
                 stages.append(Stage(name, analysis, time.time() - started, detail))
                 if interrupted:
                     stopped = must_stop() or "SIGTERM"

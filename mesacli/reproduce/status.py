@@ -88,7 +88,6 @@ def run_state(name: str, plan, results_dir: Path = RESULTS_DIR, experiments_dir:
     """The state of results/<name> against the shipped spec ``name``."""
     from mesacli import rundir
     from mesacli.icl.tokens import checkpoints_dir
-    from mesacli.icl.tune import TuneConfig
     from mesacli.spec import load_spec
 
     spec = shipped_spec(name, experiments_dir)
@@ -105,9 +104,9 @@ def run_state(name: str, plan, results_dir: Path = RESULTS_DIR, experiments_dir:
         kind, _, what = analysis.partition(":")
         if kind == "tune":
             for stage in TUNE_STAGES[what]:
-                tune_total += TuneConfig().steps
+                tune_total += plan.tune_steps
                 tuned = rundir.saved_steps(checkpoints_dir(run_dir, stage).parent)
-                tune_done += min(max(tuned, default=0), TuneConfig().steps)
+                tune_done += min(max(tuned, default=0), plan.tune_steps)
     return RunState(name, run_dir, spec.train.steps, max(steps, default=0), outdated, tune_total, tune_done)
 
 
