@@ -289,13 +289,28 @@ def test_a_few_shot_entry_trains_tunes_and_evaluates_then_reports(tmp_path):
     assert "fig-i-icl.png" in text and (results / "figures" / "fig-i-icl.png").is_file()
 
 
+def test_a_blocked_entry_is_listed_with_its_reason_and_not_produced(tmp_path):
+    experiments = _tiny_experiments(tmp_path)
+    ledger = load_ledger(_write_ledger(tmp_path, """
+specs:
+  tiny: {step_seconds: 0.5, analyses: [eval]}
+entries:
+  - {id: b, figure: F, spec: tiny, metric: probe.prop2.chebyshev.t8, paper: 1, priority: 1, blocked: "not built"}
+"""), experiments)
+    (status,) = ledger_status(ledger, None, tmp_path / "results", experiments)
+    assert status.state == "blocked: not built" and status.within is None
+    report = reproduce_run(ledger, None, results_dir=tmp_path / "results", experiments_dir=experiments,
+                           progress=False, say=lambda _: None)
+    assert report.stages == [] and not (tmp_path / "results" / "tiny").exists()
+
+
 def test_cli_status_json_and_a_bad_budget(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mesacli.cli", "reproduce", "status", "--json", "--results",
                           str(tmp_path / "empty")], capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout)
     assert len(rows) == len(load_ledger().entries)
     assert {"id", "paper", "ours", "within", "state"} <= set(rows[0])
-    assert all("missing" in r["state"] and r["within"] is None for r in rows)
+    assert all(("missing" in r["state"] or r["state"].startswith("blocked:")) and r["within"] is None for r in rows)
     bad = subprocess.run([sys.executable, "-m", "mesacli.cli", "reproduce", "run", "--budget", "soon",
                           "--results", str(tmp_path / "empty")], capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr

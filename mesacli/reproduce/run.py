@@ -115,7 +115,7 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
     from mesacli.train import train
 
     t0 = time.time()
-    entries = ledger.select(ids)
+    entries = [e for e in ledger.select(ids) if not e.blocked]
     names = ledger.spec_order(entries)
     stages: list[Stage] = []
     stopped = None

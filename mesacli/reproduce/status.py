@@ -121,7 +121,9 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> 
             pending.append(ref)
     runs = [states[name] for name in entry.specs()]
     not_ready = [s for s in runs if not (s.trained and s.tuned)]
-    if not_ready:
+    if entry.blocked:
+        state = f"blocked: {entry.blocked}"
+    elif not_ready:
         state = "; ".join(f"{s.name}: {s.label()}" if len(runs) > 1 else s.label() for s in not_ready)
     elif pending:
         state = "analysis pending"
@@ -132,7 +134,7 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> 
         plan = ledger.specs[run.name]
         left = run.total_steps if run.outdated else max(0, run.total_steps - run.trained_steps)
         cpu = left * plan.step_seconds + (run.tune_total - run.tune_done) * plan.tune_step_seconds
-        if any(ref.spec == run.name for ref in pending):
+        if any(ref.spec == run.name for ref in pending) and not entry.blocked:
             cpu += plan.analysis_seconds
         cpu_by_spec[run.name] = cpu
     ours = ours_step = ratio = None
