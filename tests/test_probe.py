@@ -70,6 +70,21 @@ def test_lstsq_probe_recovers_a_known_linear_map_and_uses_the_papers_mse():
     assert common.r_squared(x @ w, y) > 0.9
 
 
+def test_lstsq_probe_ignores_the_round_off_directions_of_a_float32_embedding():
+    """A rank-10 float32 embedding in 40 dimensions carries 10 regressors, not 40: the probe must not fit the
+    round-off (paper-spec 4.4 fits in float32); its MSE on an unrelated target is that of the 10-dim direct fit."""
+    rng = np.random.default_rng(3)
+    s = rng.uniform(-1, 1, size=(256, 10))
+    embed = (s @ rng.normal(size=(10, 40))).astype(np.float32)  # rank 10 up to float32 round-off
+    y = rng.normal(size=(256, 10))
+    _, mse = common.lstsq_probe(embed, y)
+    w_direct = np.linalg.lstsq(s, y, rcond=None)[0]
+    direct = np.sum((s @ w_direct - y) ** 2) / (2 * 256)
+    assert mse == pytest.approx(direct, rel=1e-4)
+    w_all = np.linalg.lstsq(embed.astype(np.float64), y, rcond=None)[0]  # float64 precision: 40 regressors
+    assert np.sum((embed @ w_all - y) ** 2) / (2 * 256) < 0.95 * direct
+
+
 def test_zscore_rows_and_exact_preconditioned_input():
     norms = np.array([[1.0], [1.1], [0.9], [1.0], [1.05], [0.95], [1.0], [10.0]])
     assert common.zscore_keep(norms).tolist() == [True] * 7 + [False]

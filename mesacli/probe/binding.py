@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from mesacli import model
-from mesacli.probe.common import RunContext, fmt, lstsq_probe, probe_batch, r_squared
+from mesacli.probe.common import LSTSQ_CUTOFF, RunContext, fmt, lstsq_probe, probe_batch, r_squared
 
 TITLE = "Token binding (first layer)"
 DESCRIPTION = "token binding: layer-1 output probed on s_{t'}, layer-1 attention maps"
@@ -69,6 +69,7 @@ def run(ctx: RunContext) -> dict:
     return {
         "analysis": "binding",
         "step": ctx.step,
+        "lstsq_cutoff": LSTSQ_CUTOFF,
         "position": t,
         "t_prime": lags,
         "token_probe_mse": mse_m.tolist(),

@@ -15,7 +15,15 @@ import numpy as np
 
 from mesacli import model
 from mesacli.errors import MesaError
-from mesacli.probe.common import RunContext, fmt, lstsq_probe, preconditioned_exact, probe_batch, zscore_keep
+from mesacli.probe.common import (
+    LSTSQ_CUTOFF,
+    RunContext,
+    fmt,
+    lstsq_probe,
+    preconditioned_exact,
+    probe_batch,
+    zscore_keep,
+)
 
 TITLE = "Linear probes across depth"
 DESCRIPTION = "linear probes per layer/position: s_{t+1}, s_t, preconditioned s_t"
@@ -95,6 +103,7 @@ def run(ctx: RunContext) -> dict:
     return {
         "analysis": "probes",
         "step": ctx.step,
+        "lstsq_cutoff": LSTSQ_CUTOFF,
         "seeds": ctx.seeds,
         "batch_size": ctx.batch_size,
         "precond": method,

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mesacli.errors import MesaError
+from mesacli.probe.common import LSTSQ_CUTOFF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,16 +136,25 @@ def _probe_reader(name: str, value: Callable[[dict], Any]) -> Callable[[Path], R
 
 
 def probe_record_current(name: str, record: dict) -> bool:
-    """Whether a probe record follows the paper's definitions: the preconditioning probe's target through the
-    paper's learned Chebyshev inverse (``--precond auto`` on the ledger's tasks), not the exact solve."""
+    """Whether a probe record follows the paper's definitions: least-squares probes that cut float32 round-off
+    (probes, binding) and the preconditioning probe's target through the paper's learned Chebyshev inverse
+    (``--precond auto`` on the ledger's tasks), not the exact solve.  Older records are made again."""
+    if name in ("probes", "binding") and record.get("lstsq_cutoff") != LSTSQ_CUTOFF:
+        return False
     return name != "probes" or record.get("precond") == "chebyshev"
 
 
 def _layers_at(record: dict, target: str, position: int) -> list[float]:
-    if target == "precond" and not probe_record_current("probes", record):
-        raise ValueError("an exact-solve record: not the paper's target")
+    if not probe_record_current("probes", record):
+        raise ValueError("a record of an older probe definition")
     per_layer = pick(record["mse"], PROBE_TARGETS[target])
     return [float(curve[position - 1]) for curve in per_layer]
+
+
+def _token_mse(record: dict, t_prime: int) -> float:
+    if not probe_record_current("binding", record):
+        raise ValueError("a record of an older probe definition")
+    return float(record["token_probe_mse"][record["t_prime"].index(t_prime)])
 
 
 def _strictly_falling(values: list[float]) -> bool:
@@ -216,7 +226,7 @@ _RULES: list[tuple[str, Callable[[re.Match], tuple[str, Callable[[Path], Reading
     (r"probe\.target\.t(\d+)\.falls", lambda m: ("probe:probes", _probe_reader(
         "probes", lambda r: _strictly_falling(_layers_at(r, "target", int(m[1])))))),
     (r"probe\.token\.t(\d+)", lambda m: ("probe:binding", _probe_reader(
-        "binding", lambda r: float(r["token_probe_mse"][r["t_prime"].index(int(m[1]))])))),
+        "binding", lambda r: _token_mse(r, int(m[1]))))),
     (r"probe\.linearize\.layer(\d+)", lambda m: ("probe:linearize", _probe_reader(
         "linearize", lambda r: float(r["ratio"][int(m[1]) - 1]) if int(m[1]) >= 1 else None))),
     (rf"probe\.prop2\.(model|chebyshev|gd1|ridge)\.{_POS}", lambda m: ("probe:prop2", _probe_reader(

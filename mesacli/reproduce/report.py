@@ -40,17 +40,21 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def _matching(rows: list[EntryStatus], pattern: str):
+    """(entry, groups of ``pattern``) for every number entry whose metric matches it."""
+    for row in rows:
+        match = re.fullmatch(pattern, row.entry.metric or "")
+        if match:
+            yield row.entry, match.groups()
+
+
 def _position_figure(rows: list[EntryStatus], results_dir: Path, path: Path, figure: str) -> Path | None:
     """Per-position test loss of every spec an eval/Prop-2 entry of the figure reads, paper values as markers."""
     from mesacli import plots
 
     curves, points, dashed = {}, {}, []
-    for row in rows:
-        e = row.entry
-        m = re.fullmatch(r"(eval|probe\.prop2)\.(?:(gd1|ridge|chebyshev|model)\.)?(t\d+|seq_avg)", e.metric or "")
-        if not m:
-            continue
-        source, variant, position = m.groups()
+    pattern = r"(eval|probe\.prop2)\.(?:(gd1|ridge|chebyshev|model)\.)?(t\d+|seq_avg)"
+    for e, (source, variant, position) in _matching(rows, pattern):
         run_dir = Path(results_dir) / e.spec
         if source == "eval":
             record = metrics.latest_eval_record(run_dir)
@@ -81,12 +85,7 @@ def _layer_figure(rows: list[EntryStatus], results_dir: Path, path: Path, figure
     from mesacli import plots
 
     curves, points = {}, {}
-    for row in rows:
-        e = row.entry
-        m = re.fullmatch(r"probe\.(target|precond|current)\.layer(\d+|last)\.t(\d+)", e.metric or "")
-        if not m:
-            continue
-        target, layer, position = m.groups()
+    for e, (target, layer, position) in _matching(rows, r"probe\.(target|precond|current)\.layer(\d+|last)\.t(\d+)"):
         name = f"{target} probe, t={position} ({e.spec})"
         record = metrics.probe_record(Path(results_dir) / e.spec, "probes")
         per_layer = None
