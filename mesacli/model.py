@@ -97,7 +97,7 @@ def mesa_block(block: Params, x_BTE, q_BTHD, k_BTHD, v_BTHD, spec: Spec):
 def attention_block(block: Params, x_BTE: jax.Array, spec: Spec, kind: str, qk_norm: bool):
     """sum_h P_h attn_h(x): returns the block's attention output [B, T, E] and weights [B, H, T, T]."""
     qk_in = x_BTE
-    if kind == "softmax_pe":
+    if kind in ("softmax_pe", "linear_pe"):  # linear_pe: linear attention on the same inputs (linearize probe)
         pe_TE = sinusoidal_encoding(x_BTE.shape[1], x_BTE.shape[2]).astype(x_BTE.dtype)
         qk_in = jnp.concatenate([x_BTE, jnp.broadcast_to(pe_TE, x_BTE.shape)], axis=-1)
     q = jnp.einsum("bte,ehd->bthd", qk_in, block["w_q"])
@@ -107,7 +107,7 @@ def attention_block(block: Params, x_BTE: jax.Array, spec: Spec, kind: str, qk_n
         q, k = l2_normalise(q), l2_normalise(k)
     if kind in ("softmax", "softmax_pe"):
         out, weights = softmax_attention(q, k, v)
-    elif kind == "linear":
+    elif kind in ("linear", "linear_pe"):
         out, weights = linear_attention(q, k, v)
     elif kind == "mesa":
         out, weights = mesa_block(block, x_BTE, q, k, v, spec)

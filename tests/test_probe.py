@@ -422,6 +422,28 @@ def test_linearize_on_the_tiny_run(probed, tiny_run):
                                np.asarray(model.apply(params, batch.tokens_BTI, spec)[0]), rtol=1e-6)
 
 
+def test_the_linear_replacement_of_a_softmax_pe_layer_keeps_its_positional_query_key_inputs():
+    """[C] linearises the first (PE) layer as linear attention on the same [e_t; PE_t] query/key inputs."""
+    from conftest import TINY, merge
+
+    from mesacli.layers import linear_attention, sinusoidal_encoding
+
+    spec = spec_from_dict(merge(TINY, {"model": {"first_layer": "softmax_pe", "attention": "softmax"}}))
+    params = model.init(jax.random.PRNGKey(0), spec)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, spec.task.seq_len, spec.model.embed_dim))
+    block = params["blocks"][0]
+    assert block["w_q"].shape[0] == 2 * spec.model.embed_dim
+    out, _ = model.attention_block(block, x, spec, "linear_pe", qk_norm=False)
+    qk_in = jnp.concatenate([x, jnp.broadcast_to(sinusoidal_encoding(x.shape[1], x.shape[2]), x.shape)], -1)
+    q, k = (jnp.einsum("bte,ehd->bthd", qk_in, block[w]) for w in ("w_q", "w_k"))
+    v = jnp.einsum("bte,ehd->bthd", x, block["w_v"])
+    by_hand = jnp.einsum("bthd,hde->bte", linear_attention(q, k, v)[0], block["w_o"])
+    np.testing.assert_allclose(np.asarray(out), np.asarray(by_hand), rtol=1e-5, atol=1e-7)
+    assert linearize.replacement_kind("softmax_pe") == "linear_pe" and linearize.replacement_kind("softmax") == "linear"
+    repl, history = linearize.distil_layer(params, spec, 0, steps=2, batch_size=4)
+    assert repl["w_q"].shape == block["w_q"].shape and np.isfinite(history[-1][1])
+
+
 def test_compressing_block_scalar_weights_is_the_identity():
     rng = np.random.default_rng(6)
     n, heads = 3, 2

@@ -2,8 +2,9 @@
 
 For block l, record its input (after LayerNorm when the model has one) and its attention output
 sum_h P_h attn_h(x) on fresh batches of the original model, fit a linear-attention layer of the same
-shape (W_q, W_k, W_v [E, H, D], W_o [H, D, E]; no positional encodings, so a softmax_pe layer's
-replacement only sees e_t) by Adam (lr 1e-3 constant, as the paper) on the squared error summed
+shape (W_q, W_k, W_v [E, H, D], W_o [H, D, E]; a softmax_pe layer's replacement keeps the positional
+encodings concatenated to its query/key inputs, W_q, W_k [2E, H, D], as the authors' code does: kind
+"linear_pe") by Adam (lr 1e-3 constant, as the paper) on the squared error summed
 over dims and averaged over batch and time, then report test loss(model with block l replaced) /
 test loss(original).  The MLP, LayerNorm and clipping of the block are kept.
 """
@@ -39,11 +40,17 @@ def layer_io(params, tokens_BTI, spec: Spec, layer: int):
     return h, delta
 
 
-def init_replacement(key, spec: Spec, std: float = 0.05):
+def replacement_kind(kind: str) -> str:
+    """The linear layer that replaces a layer of ``kind``: linear_pe for softmax_pe (same inputs), else linear."""
+    return "linear_pe" if kind == "softmax_pe" else "linear"
+
+
+def init_replacement(key, spec: Spec, kind: str = "linear", std: float = 0.05):
     m = spec.model
     e, h, d = m.embed_dim, m.num_heads, m.key_size
+    e_qk = 2 * e if kind == "linear_pe" else e
     keys = jax.random.split(key, 4)
-    shapes = {"w_q": (e, h, d), "w_k": (e, h, d), "w_v": (e, h, d), "w_o": (h, d, e)}
+    shapes = {"w_q": (e_qk, h, d), "w_k": (e_qk, h, d), "w_v": (e, h, d), "w_o": (h, d, e)}
     return {name: std * jax.random.normal(k, shape) for k, (name, shape) in zip(keys, shapes.items(), strict=True)}
 
 
@@ -51,15 +58,16 @@ def distil_layer(params, spec: Spec, layer: int, *, steps: int, lr: float = 1e-3
                  init: str = "random", log_every: int = 100):
     """Fit a linear-attention block to block ``layer``'s attention output; returns (replacement, history)."""
     m = spec.model
-    if init == "original" and m.layer_kinds()[layer] != "softmax_pe":
+    kind = replacement_kind(m.layer_kinds()[layer])
+    if init == "original":
         repl = {k: params["blocks"][layer][k] for k in ("w_q", "w_k", "w_v", "w_o")}
     else:
-        repl = init_replacement(jax.random.PRNGKey(spec.train.seed + 31 * layer + 5), spec)
+        repl = init_replacement(jax.random.PRNGKey(spec.train.seed + 31 * layer + 5), spec, kind)
     data_key = jax.random.PRNGKey(spec.train.seed + 9999)
 
     def loss_fn(r, batch):
         h, target = jax.lax.stop_gradient(layer_io(params, batch.tokens_BTI, spec, layer))
-        out, _ = model.attention_block(r, h, spec, "linear", qk_norm=m.qk_norm and layer > 0)
+        out, _ = model.attention_block(r, h, spec, kind, qk_norm=m.qk_norm and layer > 0)
         return jnp.mean(jnp.sum((out - target) ** 2, axis=-1))
 
     repl, history = fit_on_fresh_batches(repl, optax.adam(lr), loss_fn, spec, data_key, steps=steps,
@@ -94,7 +102,7 @@ def run(ctx: RunContext) -> dict:
         ctx.say(f"linearize: layer {layer + 1}/{spec.model.layers} ({kinds[layer]}), {steps} distillation steps")
         repl, history = distil_layer(params, spec, layer, steps=steps, init=init, lr=lr,
                                      log_every=max(1, steps // 50))
-        new_kinds = kinds[:layer] + ("linear",) + kinds[layer + 1:]
+        new_kinds = kinds[:layer] + (replacement_kind(kinds[layer]),) + kinds[layer + 1:]
         loss = test_loss(swap_in(params, repl, layer), new_kinds)
         rows.append({"layer": layer + 1, "kind": kinds[layer], "distil_mse_first": history[0][1],
                      "distil_mse_last": history[-1][1], "loss": loss, "ratio": loss / original})
@@ -105,6 +113,7 @@ def run(ctx: RunContext) -> dict:
         "analysis": "linearize",
         "step": ctx.step,
         "distil_steps": steps,
+        "pe_layer_replacement": "linear_pe",  # a softmax_pe layer is replaced by linear attention with its PE
         "distil_lr": lr,
         "init": init,
         "original_loss": original,

@@ -137,10 +137,13 @@ def _probe_reader(name: str, value: Callable[[dict], Any]) -> Callable[[Path], R
 
 def probe_record_current(name: str, record: dict) -> bool:
     """Whether a probe record follows the paper's definitions: least-squares probes that cut float32 round-off
-    (probes, binding) and the preconditioning probe's target through the paper's learned Chebyshev inverse
-    (``--precond auto`` on the ledger's tasks), not the exact solve.  Older records are made again."""
+    (probes, binding), the preconditioning probe's target through the paper's learned Chebyshev inverse
+    (``--precond auto`` on the ledger's tasks, not the exact solve), and a PE layer linearised with its
+    positional encodings.  Older records are made again."""
     if name in ("probes", "binding") and record.get("lstsq_cutoff") != LSTSQ_CUTOFF:
         return False
+    if name == "linearize" and record.get("pe_layer_replacement") != "linear_pe":
+        return False  # before, a PE layer's replacement lost its positional encodings
     return name != "probes" or record.get("precond") == "chebyshev"
 
 
@@ -149,6 +152,12 @@ def _layers_at(record: dict, target: str, position: int) -> list[float]:
         raise ValueError("a record of an older probe definition")
     per_layer = pick(record["mse"], PROBE_TARGETS[target])
     return [float(curve[position - 1]) for curve in per_layer]
+
+
+def _linearize_ratio(record: dict, layer: int) -> float | None:
+    if not probe_record_current("linearize", record):
+        raise ValueError("a record of an older probe definition")
+    return float(record["ratio"][layer - 1]) if layer >= 1 else None
 
 
 def _token_mse(record: dict, t_prime: int) -> float:
@@ -228,7 +237,7 @@ _RULES: list[tuple[str, Callable[[re.Match], tuple[str, Callable[[Path], Reading
     (r"probe\.token\.t(\d+)", lambda m: ("probe:binding", _probe_reader(
         "binding", lambda r: _token_mse(r, int(m[1]))))),
     (r"probe\.linearize\.layer(\d+)", lambda m: ("probe:linearize", _probe_reader(
-        "linearize", lambda r: float(r["ratio"][int(m[1]) - 1]) if int(m[1]) >= 1 else None))),
+        "linearize", lambda r: _linearize_ratio(r, int(m[1]))))),
     (rf"probe\.prop2\.(model|chebyshev|gd1|ridge)\.{_POS}", lambda m: ("probe:prop2", _probe_reader(
         "prop2", lambda r: _at(pick(r["per_position_loss"], PROP2_KEYS[m[1]]), m[2])))),
     (r"probe\.compress\.(model|compressed)\.seq_avg", lambda m: ("probe:compress", _probe_reader(
