@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -133,6 +134,25 @@ def test_metrics_read_the_records_that_eval_probe_and_icl_eval_write(tmp_path):
     del old["lstsq_cutoff"]  # a record of the probe before round-off directions were cut: made again
     (run / "probe" / "binding.json").write_text(json.dumps(old))
     assert read("probe.token.t3") is None
+
+
+def test_a_probe_record_made_with_other_settings_or_an_older_definition_is_not_current(tmp_path):
+    from mesacli.reproduce.ledger import SpecPlan
+    from mesacli.reproduce.status import RunState, analysis_current
+
+    run = tmp_path / "run"
+    (run / "probe").mkdir(parents=True)
+    state = RunState("x", run, total_steps=10, trained_steps=10, outdated=False)
+    plan = SpecPlan(step_seconds=1.0, analyses=("probe:linearize",), distil_steps=15000)
+    record = {"step": 10, "distil_steps": 2000, "pe_layer_replacement": "linear_pe", "ratio": [2.0]}
+    (run / "probe" / "linearize.json").write_text(json.dumps(record))
+    assert not analysis_current("probe:linearize", plan, state)  # distilled for 2,000 steps, the ledger asks 15k
+    (run / "probe" / "linearize.json").write_text(json.dumps(record | {"distil_steps": 15000}))
+    assert analysis_current("probe:linearize", plan, state)
+    del record["pe_layer_replacement"]  # the replacement of a PE layer lost its positions then
+    (run / "probe" / "linearize.json").write_text(json.dumps(record | {"distil_steps": 15000}))
+    assert not analysis_current("probe:linearize", plan, state)
+    assert not analysis_current("probe:linearize", plan, dataclasses.replace(state, total_steps=20))  # older step
 
 
 def test_checks_compare_with_factors_tolerances_and_missing_values():

@@ -32,6 +32,11 @@ class SpecPlan:
     tune_prefix_len: int = 20  # prompt-tune --prefix-len
     icl_seeds: int = 5  # icl-eval --seeds (data seeds) and --batch (prompts per seed)
     icl_batch: int = 128
+    distil_steps: int = 2000  # probe --distil-steps (linearize; the paper: 15k)
+    prop2_train_steps: int = 2000  # probe --prop2-steps (the paper: 20k)
+
+    def probe_options(self) -> dict:
+        return {"distil_steps": self.distil_steps, "prop2_train_steps": self.prop2_train_steps}
     note: str = ""  # where the spec deviates from the paper
 
 

@@ -18,9 +18,8 @@ from typing import Callable
 
 from mesacli import runtime
 from mesacli.errors import MesaError
-from mesacli.reproduce import metrics
 from mesacli.reproduce.ledger import Ledger
-from mesacli.reproduce.status import RESULTS_DIR, RunState, run_state, shipped_spec
+from mesacli.reproduce.status import RESULTS_DIR, analysis_current, run_state, shipped_spec
 from mesacli.spec_loader import EXPERIMENTS_DIR
 
 
@@ -57,27 +56,6 @@ class RunReport:
     specs: list[str]
 
 
-def _icl_tag(prompts: str, continual: bool) -> str:
-    from mesacli.icl.evaluate import prompt_names
-
-    return "_".join(prompt_names(prompts)) + ("_continual" if continual else "")
-
-
-def analysis_current(analysis: str, run_dir: Path, total_steps: int, state: RunState) -> bool:
-    """Whether the record that ``analysis`` writes exists for the final step ``total_steps``."""
-    kind, _, arg = analysis.partition(":")
-    if kind == "eval":
-        record = metrics.latest_eval_record(run_dir)
-        return record is not None and record.get("step") == total_steps
-    if kind == "probe":
-        record = metrics.probe_record(run_dir, arg)
-        return record is not None and record.get("step") == total_steps and metrics.probe_record_current(arg, record)
-    if kind == "tune":
-        return state.tuned
-    record = metrics.load_record(Path(run_dir) / f"icl_eval_{_icl_tag(arg, kind == 'icl_continual')}.json")
-    return record is not None and record.get("meta", {}).get("step") == total_steps
-
-
 def _run_analysis(analysis: str, plan, run_dir: Path, progress: bool, say: Callable[[str], None]) -> tuple[str, bool]:
     """Run one analysis; returns (a short detail, interrupted)."""
     kind, _, arg = analysis.partition(":")
@@ -89,7 +67,7 @@ def _run_analysis(analysis: str, plan, run_dir: Path, progress: bool, say: Calla
     if kind == "probe":
         from mesacli.probe import run_probe
 
-        result = run_probe(run_dir, [arg], report=say if progress else None)
+        result = run_probe(run_dir, [arg], options=plan.probe_options(), report=say if progress else None)
         return f"{result.seconds:.0f}s", False
     if kind == "tune":
         import jax
@@ -155,7 +133,7 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
             for analysis in plan.analyses:
                 if (stopped := must_stop()) is not None:
                     break
-                if analysis_current(analysis, state.run_dir, state.total_steps, state):
+                if analysis_current(analysis, plan, state):
                     continue
                 say(f"{head}: {analysis}{left()}")
                 started = time.time()

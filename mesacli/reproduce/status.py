@@ -110,14 +110,53 @@ def run_state(name: str, plan, results_dir: Path = RESULTS_DIR, experiments_dir:
     return RunState(name, run_dir, spec.train.steps, max(steps, default=0), outdated, tune_total, tune_done)
 
 
+def _icl_tag(prompts: str, continual: bool) -> str:
+    from mesacli.icl.evaluate import prompt_names
+
+    return "_".join(prompt_names(prompts)) + ("_continual" if continual else "")
+
+
+PROBE_SETTINGS = {"linearize": ("distil_steps", "distil_steps"), "prop2": ("train_steps", "prop2_train_steps")}
+
+
+def analysis_current(analysis: str, plan, state: RunState) -> bool:
+    """Whether the record that ``analysis`` writes exists for the run's final step, with the ledger's settings
+    (e.g. the linearize distillation steps) and the current probe definitions."""
+    kind, _, arg = analysis.partition(":")
+    run_dir, total = state.run_dir, state.total_steps
+    if kind == "eval":
+        record = metrics.latest_eval_record(run_dir)
+        return record is not None and record.get("step") == total
+    if kind == "probe":
+        record = metrics.probe_record(run_dir, arg)
+        if record is None or record.get("step") != total or not metrics.probe_record_current(arg, record):
+            return False
+        if arg in PROBE_SETTINGS:
+            field, setting = PROBE_SETTINGS[arg]
+            return record.get(field) == getattr(plan, setting)
+        return True
+    if kind == "tune":
+        return state.tuned
+    record = metrics.load_record(Path(run_dir) / f"icl_eval_{_icl_tag(arg, kind == 'icl_continual')}.json")
+    return record is not None and record.get("meta", {}).get("step") == total
+
+
+def plan_analysis(plan, metric_analysis: str) -> str | None:
+    """The analysis of ``plan`` that produces a metric of ``metric_analysis`` (e.g. icl -> icl:plain,eos,tuned)."""
+    return next((a for a in plan.analyses if a == metric_analysis or a.startswith(metric_analysis + ":")), None)
+
+
 def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> EntryStatus:
     values, steps, pending = {}, {}, []
     for ref in entry.metric_refs():
         state = states[ref.spec]
-        reading = metrics.parse_metric(ref.metric).read(state.run_dir)
+        metric = metrics.parse_metric(ref.metric)
+        reading = metric.read(state.run_dir)
         values[str(ref)] = reading.value
         steps[str(ref)] = reading.step
-        if reading.value is None or reading.step != state.total_steps:
+        produced_by = plan_analysis(ledger.specs[ref.spec], metric.analysis)
+        stale = produced_by is not None and not analysis_current(produced_by, ledger.specs[ref.spec], state)
+        if reading.value is None or reading.step != state.total_steps or stale:
             pending.append(ref)
     runs = [states[name] for name in entry.specs()]
     not_ready = [s for s in runs if not (s.trained and s.tuned)]
