@@ -44,6 +44,13 @@ def teacher_features(task: TaskSpec, h_H: jax.Array) -> jax.Array:
     return m / jnp.linalg.norm(m)
 
 
+def contracting_teacher(u_HH: jax.Array, eig_H: jax.Array) -> jax.Array:
+    """W = U diag(lambda) U^-1 (App. E.1).  A nearly singular U (about one draw in 10^5) overflows float32 in
+    U^-1: W is kept free of NaN (its huge entries only push the states to the clip), else one NaN sequence
+    ends a training run."""
+    return jnp.nan_to_num(u_HH @ jnp.diag(eig_H) @ jnp.linalg.inv(u_HH), nan=0.0)
+
+
 def sample_teacher(key: jax.Array, task: TaskSpec) -> Teacher:
     n = task.state_dim
     key_w, key_c, key_eig, key_perm = jax.random.split(key, 4)
@@ -53,8 +60,7 @@ def sample_teacher(key: jax.Array, task: TaskSpec) -> Teacher:
         # W = U diag(lambda) U^{-1}: 9 eigenvalues ~ U[low, high] plus one at high, in random order.
         eig = jax.random.uniform(key_eig, (n,), minval=task.eig_low, maxval=task.eig_high).at[0].set(task.eig_high)
         eig = jax.random.permutation(key_perm, eig)
-        u = jax.random.normal(key_w, (n, n))
-        w = u @ jnp.diag(eig) @ jnp.linalg.inv(u)
+        w = contracting_teacher(jax.random.normal(key_w, (n, n)), eig)
     else:
         w = jax.random.orthogonal(key_w, n)  # Haar-random orthogonal
     if task.kind == "partial":
@@ -77,7 +83,10 @@ def sample_sequence(key: jax.Array, task: TaskSpec) -> tuple[Teacher, jax.Array]
     noise_TH = task.state_noise * jax.random.normal(key_noise, (task.seq_len, n))
 
     def transition(h, eps):
-        h_next = jnp.clip(teacher.w_HH @ teacher_features(task, h) + eps, -clip, clip)
+        h_next = teacher.w_HH @ teacher_features(task, h) + eps
+        if task.kind == "contracting":  # +inf and -inf terms of a huge W sum to NaN: map it into the clip range
+            h_next = jnp.nan_to_num(h_next, nan=0.0)
+        h_next = jnp.clip(h_next, -clip, clip)
         return h_next, h_next
 
     _, h_rest = jax.lax.scan(transition, h1, noise_TH)

@@ -67,6 +67,21 @@ def test_contracting_eigenvalues_and_clip():
     assert np.abs(np.asarray(s)).max() <= 2.0
 
 
+def test_a_nearly_singular_contracting_teacher_gives_a_finite_clipped_sequence():
+    """One draw of U in ~10^5 overflows float32 in U diag(lambda) U^-1; the batch of step 850 of the shipped
+    contracting_lsa1 spec holds one, which made a NaN and stopped its training."""
+    from mesacli.spec import load_spec
+    from mesacli.spec_loader import EXPERIMENTS_DIR
+
+    spec = load_spec(EXPERIMENTS_DIR / "contracting_lsa1.yaml")
+    batch = tasks.sample_batch(tasks.train_batch_key(spec, 850), spec, spec.train.batch_size)
+    for array in (batch.tokens_BTI, batch.targets_BTS):
+        assert np.isfinite(np.asarray(array)).all() and np.abs(np.asarray(array)).max() <= 2.0
+    singular = jnp.array([[1.0, 2.0, 0.0], [2.0, 4.0, 0.0], [0.0, 0.0, 1.0]])  # inv: inf / NaN entries
+    w = tasks.contracting_teacher(singular, jnp.array([0.3, 0.5, 0.9]))
+    assert not np.isnan(np.asarray(w)).any()
+
+
 def test_fixed_teacher_is_shared():
     teachers, _ = sequences(TaskSpec(kind="fixed_teacher"), 4)
     w = np.asarray(teachers.w_HH)
