@@ -184,16 +184,25 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
     return report
 
 
+def report_stem(prompts: list[str], continual: bool, lam: float = 1e-3, x_dist: str = "uniform",
+                step: int | None = None) -> str:
+    """The file name (without suffix) of an icl-eval record: icl_eval_<prompts>[_continual][_lam..][_xnormal]
+    [_step<N> when --step was given]."""
+    tag = "_".join(prompts) + ("_continual" if continual else "")
+    tag += (f"_lam{lam:g}" if lam != 1e-3 else "") + ("_xnormal" if x_dist == "normal" else "")
+    tag += f"_step{step}" if step is not None else ""
+    return f"icl_eval_{tag}"
+
+
 def write_report(report: IclReport, run_dir: Path) -> None:
     from mesacli import plots
     from mesacli.checkpoint import dump_json
 
     meta = report.meta
-    tag = "_".join(meta["prompts"]) + ("_continual" if meta["continual_switch_at"] else "")
-    tag += (f"_lam{meta['lam']:g}" if meta["lam"] != 1e-3 else "") + ("_xnormal" if meta["x_dist"] == "normal" else "")
-    tag += f"_step{report.step}" if meta.get("step_given") else ""
-    report.json_path = run_dir / f"icl_eval_{tag}.json"
-    report.plot_path = run_dir / f"icl_eval_{tag}.png"
+    stem = report_stem(meta["prompts"], bool(meta["continual_switch_at"]), meta["lam"], meta["x_dist"],
+                       report.step if meta.get("step_given") else None)
+    report.json_path = run_dir / f"{stem}.json"
+    report.plot_path = run_dir / f"{stem}.png"
     dump_json(report.json_path, {"meta": report.meta, "curves": report.curves})
     title = (f"{report.spec.name} @ {report.step}: in-context regression, {report.meta['seeds']} seeds x "
              f"{report.meta['batch']} prompts" + (f"\ntask switch (new W*) after example {meta['continual_switch_at']}"

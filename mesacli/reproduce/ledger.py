@@ -34,10 +34,14 @@ class SpecPlan:
     icl_batch: int = 128
     distil_steps: int = 2000  # probe --distil-steps (linearize; the paper: 15k)
     prop2_train_steps: int = 2000  # probe --prop2-steps (the paper: 20k)
+    note: str = ""  # where the spec deviates from the paper
 
     def probe_options(self) -> dict:
         return {"distil_steps": self.distil_steps, "prop2_train_steps": self.prop2_train_steps}
-    note: str = ""  # where the spec deviates from the paper
+
+    def analysis_for(self, metric_analysis: str) -> str | None:
+        """The analysis that produces a metric of kind ``metric_analysis`` (icl -> icl:plain,eos,tuned), if run."""
+        return next((a for a in self.analyses if a == metric_analysis or a.startswith(metric_analysis + ":")), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,10 +149,9 @@ def validate(ledger: Ledger, experiments_dir: Path = EXPERIMENTS_DIR) -> Ledger:
             raise MesaError(f"{where}: tolerance must be positive")
         if not entry.checks and (entry.metric is None or entry.paper is None):
             raise MesaError(f"{where}: give either metric and paper (a number) or checks (a claim)")
-        if entry.metric is not None:
-            metrics.parse_metric(entry.metric, where)
         try:
-            refs = entry.metric_refs() + ([metrics.MetricRef(entry.spec, entry.metric)] if entry.metric else [])
+            headline = [metrics.MetricRef(entry.spec, entry.metric)] if entry.metric else []
+            refs = list(dict.fromkeys(entry.metric_refs() + headline))
         except MesaError as err:
             raise MesaError(f"{where}: {err}") from None
         for ref in refs:
@@ -157,7 +160,7 @@ def validate(ledger: Ledger, experiments_dir: Path = EXPERIMENTS_DIR) -> Ledger:
             needed = metrics.parse_metric(ref.metric, where).analysis
             if entry.blocked:
                 continue
-            if not any(a == needed or a.startswith(needed + ":") for a in ledger.specs[ref.spec].analyses):
+            if ledger.specs[ref.spec].analysis_for(needed) is None:
                 raise MesaError(f"{where}: {ref.spec}:{ref.metric} needs the analysis '{needed}', "
                                 f"which specs.{ref.spec}.analyses does not run")
     return ledger

@@ -31,6 +31,7 @@ import numpy as np
 
 from mesacli.errors import MesaError
 from mesacli.probe.common import LSTSQ_CUTOFF
+from mesacli.rundir import PROBE_DIR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +121,7 @@ COMPRESS_KEYS = {"model": "model", "compressed": "compressed"}
 
 
 def probe_record(run_dir: Path, name: str) -> dict | None:
-    return load_record(Path(run_dir) / "probe" / f"{name}.json")
+    return load_record(Path(run_dir) / PROBE_DIR / f"{name}.json")
 
 
 def _probe_reader(name: str, value: Callable[[dict], Any]) -> Callable[[Path], Reading]:
@@ -128,6 +129,8 @@ def _probe_reader(name: str, value: Callable[[dict], Any]) -> Callable[[Path], R
         record = probe_record(run_dir, name)
         if record is None:
             return MISSING
+        if not probe_record_current(name, record):  # an older probe definition: not measured
+            return Reading(None, record.get("step"))
         try:
             return Reading(value(record), record.get("step"))
         except (KeyError, IndexError, ValueError, TypeError):
@@ -148,22 +151,8 @@ def probe_record_current(name: str, record: dict) -> bool:
 
 
 def _layers_at(record: dict, target: str, position: int) -> list[float]:
-    if not probe_record_current("probes", record):
-        raise ValueError("a record of an older probe definition")
     per_layer = pick(record["mse"], PROBE_TARGETS[target])
     return [float(curve[position - 1]) for curve in per_layer]
-
-
-def _linearize_ratio(record: dict, layer: int) -> float | None:
-    if not probe_record_current("linearize", record):
-        raise ValueError("a record of an older probe definition")
-    return float(record["ratio"][layer - 1]) if layer >= 1 else None
-
-
-def _token_mse(record: dict, t_prime: int) -> float:
-    if not probe_record_current("binding", record):
-        raise ValueError("a record of an older probe definition")
-    return float(record["token_probe_mse"][record["t_prime"].index(t_prime)])
 
 
 def _strictly_falling(values: list[float]) -> bool:
@@ -235,9 +224,9 @@ _RULES: list[tuple[str, Callable[[re.Match], tuple[str, Callable[[Path], Reading
     (r"probe\.target\.t(\d+)\.falls", lambda m: ("probe:probes", _probe_reader(
         "probes", lambda r: _strictly_falling(_layers_at(r, "target", int(m[1])))))),
     (r"probe\.token\.t(\d+)", lambda m: ("probe:binding", _probe_reader(
-        "binding", lambda r: _token_mse(r, int(m[1]))))),
+        "binding", lambda r: float(r["token_probe_mse"][r["t_prime"].index(int(m[1]))])))),
     (r"probe\.linearize\.layer(\d+)", lambda m: ("probe:linearize", _probe_reader(
-        "linearize", lambda r: _linearize_ratio(r, int(m[1]))))),
+        "linearize", lambda r: float(r["ratio"][int(m[1]) - 1]) if int(m[1]) >= 1 else None))),
     (rf"probe\.prop2\.(model|chebyshev|gd1|ridge)\.{_POS}", lambda m: ("probe:prop2", _probe_reader(
         "prop2", lambda r: _at(pick(r["per_position_loss"], PROP2_KEYS[m[1]]), m[2])))),
     (r"probe\.compress\.(model|compressed)\.seq_avg", lambda m: ("probe:compress", _probe_reader(

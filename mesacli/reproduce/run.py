@@ -124,14 +124,13 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
                 say(f"{head}: training from step {state.trained_steps} of {state.total_steps}{left()}")
                 started = time.time()
                 result = train(shipped_spec(name, experiments_dir), state.run_dir, progress=progress)
-                rundir.prune_checkpoints(state.run_dir, keep=1)
                 stages.append(Stage(name, "train", time.time() - started, f"step {result.step}/{state.total_steps}"))
                 if result.interrupted or result.step < state.total_steps:
                     stopped = must_stop() or "SIGTERM"
-                    break
-                state = run_state(name, plan, results_dir, experiments_dir)
+                else:
+                    state = run_state(name, plan, results_dir, experiments_dir)
             for analysis in plan.analyses:
-                if (stopped := must_stop()) is not None:
+                if stopped or (stopped := must_stop()) is not None:
                     break
                 if analysis_current(analysis, plan, state):
                     continue

@@ -1,10 +1,11 @@
 """Where every ledger entry stands: the paper's value, ours, the ratio, within tolerance (or the claim holds),
 the state of the runs it needs, and the CPU time left to produce it.
 
-States, for the specs an entry reads (results/<spec>/), the first that applies:
-``missing`` (no checkpoint), ``outdated`` (the run's spec.yaml is not the shipped spec), ``training N/M steps``,
-``tuning N/M steps`` (prompt tuning of a few-shot run), ``analysis pending`` (trained, a record the entry reads
-is missing or was made at an earlier step), ``done``.
+States, the first that applies: ``blocked: <why>`` (the ledger says mesacli cannot produce it yet); for the specs
+an entry reads (results/<spec>/): ``outdated`` (the run's spec.yaml is not the shipped spec), ``missing`` (no
+checkpoint), ``training N/M steps``, ``tuning N/M steps`` (prompt tuning of a few-shot run); then ``analysis
+pending`` (a record the entry reads is missing, made at an earlier step, with other ledger settings or by an
+older probe definition) and ``done``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from mesacli.errors import MesaError
 from mesacli.reproduce import metrics
 from mesacli.reproduce.ledger import Entry, Ledger
 from mesacli.spec_loader import EXPERIMENTS_DIR
@@ -97,7 +99,7 @@ def run_state(name: str, plan, results_dir: Path = RESULTS_DIR, experiments_dir:
     if (run_dir / rundir.SPEC_FILE).is_file():
         try:
             outdated = rundir.read_spec(run_dir, load_spec) != spec
-        except Exception:  # an unreadable spec.yaml is as good as another spec
+        except MesaError:  # an unreadable spec.yaml is as good as another spec
             outdated = True
     tune_total = tune_done = 0
     for analysis in plan.analyses:
@@ -108,12 +110,6 @@ def run_state(name: str, plan, results_dir: Path = RESULTS_DIR, experiments_dir:
                 tuned = rundir.saved_steps(checkpoints_dir(run_dir, stage).parent)
                 tune_done += min(max(tuned, default=0), plan.tune_steps)
     return RunState(name, run_dir, spec.train.steps, max(steps, default=0), outdated, tune_total, tune_done)
-
-
-def _icl_tag(prompts: str, continual: bool) -> str:
-    from mesacli.icl.evaluate import prompt_names
-
-    return "_".join(prompt_names(prompts)) + ("_continual" if continual else "")
 
 
 PROBE_SETTINGS = {"linearize": ("distil_steps", "distil_steps"), "prop2": ("train_steps", "prop2_train_steps")}
@@ -137,13 +133,10 @@ def analysis_current(analysis: str, plan, state: RunState) -> bool:
         return True
     if kind == "tune":
         return state.tuned
-    record = metrics.load_record(Path(run_dir) / f"icl_eval_{_icl_tag(arg, kind == 'icl_continual')}.json")
+    from mesacli.icl.evaluate import prompt_names, report_stem
+
+    record = metrics.load_record(Path(run_dir) / f"{report_stem(prompt_names(arg), kind == 'icl_continual')}.json")
     return record is not None and record.get("meta", {}).get("step") == total
-
-
-def plan_analysis(plan, metric_analysis: str) -> str | None:
-    """The analysis of ``plan`` that produces a metric of ``metric_analysis`` (e.g. icl -> icl:plain,eos,tuned)."""
-    return next((a for a in plan.analyses if a == metric_analysis or a.startswith(metric_analysis + ":")), None)
 
 
 def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> EntryStatus:
@@ -154,7 +147,7 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> 
         reading = metric.read(state.run_dir)
         values[str(ref)] = reading.value
         steps[str(ref)] = reading.step
-        produced_by = plan_analysis(ledger.specs[ref.spec], metric.analysis)
+        produced_by = ledger.specs[ref.spec].analysis_for(metric.analysis)
         stale = produced_by is not None and not analysis_current(produced_by, ledger.specs[ref.spec], state)
         if reading.value is None or reading.step != state.total_steps or stale:
             pending.append(ref)
@@ -179,9 +172,9 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> 
     ours = ours_step = ratio = None
     if entry.metric is not None:
         main = metrics.MetricRef(entry.spec, entry.metric)
-        if not entry.checks:
+        if str(main) in values:
             ours, ours_step = values[str(main)], steps[str(main)]
-        else:  # a claim with a headline number: read it as well
+        else:  # a claim with a headline number that its checks do not read
             reading = metrics.parse_metric(entry.metric).read(states[entry.spec].run_dir)
             ours, ours_step = reading.value, reading.step
         if isinstance(ours, float) and entry.paper:
