@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow test-distributed lint format clean bench bench-seeds lm-compare paper-probe paper-icl \
+.PHONY: install run test test-slow test-distributed test-faults lint format clean bench bench-seeds lm-compare paper-probe paper-icl \
 	reproduce report
 
 install: $(STAMP)
@@ -26,6 +26,9 @@ test-slow: install  ## the long tests only
 
 test-distributed: install  ## all multi-process tests (2 local processes over 127.0.0.1), faults included
 	$(PY) -m pytest -q -m "distributed or not distributed" tests/test_distributed.py
+
+test-faults: install  ## every fault of tests/test_faults.py, the random-moment signals repeated (ROUNDS=3 each)
+	MESACLI_FAULT_ROUNDS=$(or $(ROUNDS),3) $(PY) -m pytest -q -m "faults or not faults" tests/test_faults.py
 
 bench: install  ## compare attention kernels (time, memory); writes bench.json (several minutes on a CPU)
 	$(VENV)/bin/mesacli bench --out bench.json

@@ -1,12 +1,15 @@
 """Attention-kernel benchmark: speed and compiled memory of softmax (block-causal and dense), chunked linear
-and mesa attention.
+attention, the mesa-layer and the MesaNet op (exact, CG to a tolerance, fixed CG steps).
 
 Everything runs in one process, and the kernels at one T are timed in interleaved rounds, so that machine
 noise affects every kernel alike and cancels in the ratios.  For each kernel and
 sequence length T we compile a forward function (returns the output) and a forward+backward function
-(gradients of sum(out * fixed cotangent) with respect to q, k, v and, for mesa, lambda).  Memory is the
-compiled executable's own estimate (arguments + outputs + temporaries - aliased), so a configuration
-that would not fit is skipped before it runs.  Shapes: B batch, T time, H heads, D head size.
+(gradients of sum(out * fixed cotangent) with respect to q, k, v and, for mesa, lambda; for MesaNet with respect
+to every input: q, k, v, log gamma, beta and Lambda).  Memory is the compiled executable's own estimate
+(arguments + outputs + temporaries - aliased), so a configuration that would not fit is skipped before it runs.
+MesaNet kernels run on flash-linear-attention's test distribution (``make_mesanet_inputs``); the CG kernels'
+rows also report the forward solve's CG steps per query (mean, max) and its largest relative residual.
+Shapes: B batch, T time, H heads, D head size.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ DTYPES = ("float32", "float64")
 
 class Kernel(NamedTuple):
     label: str
-    fn: Callable  # (q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size) -> out_BTHV
-    uses_lam: bool
+    fn: Callable  # (*inputs, chunk_size) -> out_BTHV; default inputs (q_BTHD, k_BTHD, v_BTHD, lam_H)
+    uses_lam: bool  # gradients also with respect to the inputs after q, k, v (lambda; MesaNet's gates)
+    inputs: Optional[Callable] = None  # (config, T, dtype) -> (inputs, cotangent); None = make_inputs
+    stats: Optional[Callable] = None  # (inputs, chunk_size) -> extra numbers of the row (CG steps)
 
 
 def _softmax(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size):
@@ -69,13 +74,57 @@ def _mesa_chunked(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size):
     return mesa_chunked(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size=chunk_size)
 
 
+def make_mesanet_inputs(config: BenchConfig, t: int, dtype):
+    """flash-linear-attention's MesaNet test distribution: q, v ~ U(0, 1) / 10, k = L2-normalised N(0, 1),
+    gamma ~ U(0.8, 0.99) (given as log gamma), beta ~ U(0, 1), Lambda ~ U(0.25, 1) [H, D]; cotangent N(0, 1)."""
+    shape_BTHD = (config.batch, t, config.heads, config.d_head)
+    kq, kk, kv, kg, kb, kl, kc = jax.random.split(jax.random.PRNGKey(config.seed), 7)
+    q_BTHD = jax.random.uniform(kq, shape_BTHD, dtype) / 10
+    k_BTHD = jax.random.normal(kk, shape_BTHD, dtype)
+    k_BTHD = k_BTHD / jnp.linalg.norm(k_BTHD, axis=-1, keepdims=True)
+    v_BTHD = jax.random.uniform(kv, shape_BTHD, dtype) / 10
+    log_gamma_BTH = jnp.log(jax.random.uniform(kg, shape_BTHD[:3], dtype, 0.8, 0.99))
+    beta_BTH = jax.random.uniform(kb, shape_BTHD[:3], dtype)
+    lam_HD = jax.random.uniform(kl, (config.heads, config.d_head), dtype, 0.25, 1.0)
+    cot_BTHD = jax.random.normal(kc, shape_BTHD, dtype)
+    return (q_BTHD, k_BTHD, v_BTHD, log_gamma_BTH, beta_BTH, lam_HD), cot_BTHD
+
+
+def _mesanet(solver: str) -> Callable:
+    def fn(q_BTHD, k_BTHD, v_BTHD, log_gamma_BTH, beta_BTH, lam_HD, chunk_size):
+        from mesacli.mesanet import mesanet
+
+        return mesanet(q_BTHD, k_BTHD, v_BTHD, log_gamma_BTH, beta_BTH, lam_HD, solver=solver, chunk_size=chunk_size)
+
+    return fn
+
+
+def _mesanet_cg_stats(solver: str) -> Callable:
+    def stats(inputs, chunk_size) -> dict:
+        """CG steps per query of the forward solve (mean, max) and its largest relative residual."""
+        from mesacli.mesanet import mesanet_cg_stats
+
+        run = jax.jit(lambda *a: mesanet_cg_stats(*a, solver=solver, chunk_size=chunk_size))
+        out = jax.device_get(run(*inputs))
+        return {"cg_steps_mean": float(out.steps_BTH.mean()), "cg_steps_max": int(out.steps_BTH.max()),
+                "cg_residual_max": float(out.residual_BTH.max())}
+
+    return stats
+
+
 KERNELS: dict[str, Kernel] = {
     "softmax": Kernel("softmax (block-causal)", _softmax, False),
     "softmax_dense": Kernel("softmax (dense T x T)", _softmax_dense, False),
     "linear_chunked": Kernel("linear (chunked)", _linear_chunked, False),
     "mesa_sequential": Kernel("mesa (sequential scan)", _mesa_sequential, True),
     "mesa_chunked": Kernel("mesa (chunked)", _mesa_chunked, True),
+    "mesanet_exact": Kernel("MesaNet (exact, chunked Cholesky)", _mesanet("exact"), True, make_mesanet_inputs),
+    "mesanet_cg": Kernel("MesaNet (CG, tol 1e-4)", _mesanet("cg"), True, make_mesanet_inputs,
+                         _mesanet_cg_stats("cg")),
+    "mesanet_cg_fixed": Kernel("MesaNet (CG, 30 fixed steps)", _mesanet("cg_fixed"), True, make_mesanet_inputs,
+                               _mesanet_cg_stats("cg_fixed")),
 }
+STAT_KEYS = ("cg_steps_mean", "cg_steps_max", "cg_residual_max")
 BASELINE = "linear_chunked"
 
 
@@ -197,17 +246,22 @@ def make_inputs(config: BenchConfig, t: int, dtype):
 
 
 def kernel_functions(name: str, chunk_size: int):
-    """(forward(q, k, v, lam) -> out, forward_backward(q, k, v, lam, cot) -> grads) for one kernel."""
+    """(forward(*inputs) -> out, forward_backward(*inputs, cot) -> grads) for one kernel; inputs (q, k, v, lam)
+    or, for MesaNet, (q, k, v, log_gamma, beta, lam)."""
     kernel = KERNELS[name]
 
-    def forward(q_BTHD, k_BTHD, v_BTHD, lam_H):
-        return kernel.fn(q_BTHD, k_BTHD, v_BTHD, lam_H, chunk_size)
+    def forward(*inputs):
+        return kernel.fn(*inputs, chunk_size)
 
-    def loss(q_BTHD, k_BTHD, v_BTHD, lam_H, cot_BTHV):
-        return jnp.sum(forward(q_BTHD, k_BTHD, v_BTHD, lam_H) * cot_BTHV)
+    def loss(*inputs_and_cot):
+        *inputs, cot_BTHV = inputs_and_cot
+        return jnp.sum(forward(*inputs) * cot_BTHV)
 
-    argnums = (0, 1, 2, 3) if kernel.uses_lam else (0, 1, 2)
-    return forward, jax.grad(loss, argnums=argnums)
+    def forward_backward(*inputs_and_cot):
+        n = len(inputs_and_cot) - 1
+        return jax.grad(loss, argnums=tuple(range(n)) if kernel.uses_lam else (0, 1, 2))(*inputs_and_cot)
+
+    return forward, forward_backward
 
 
 def _mib(n_bytes: Optional[int]) -> Optional[float]:
@@ -219,13 +273,18 @@ PARTS = ("fwd", "fwd_bwd")
 
 def bench_length(config: BenchConfig, t: int, dtype, report: Callable[[str], None]) -> list[dict]:
     """The rows of one sequence length: compile every kernel's two functions, skip those whose memory
-    estimate is over the limit, then time the rest in interleaved rounds (``_time_interleaved``)."""
-    args, cot_BTHD = make_inputs(config, t, dtype)
+    estimate is over the limit, then time the rest in interleaved rounds (``_time_interleaved``).  The CG
+    statistics of the MesaNet CG kernels are computed before the timing."""
     limit = config.max_memory_gb * GIB
-    rows, jobs = {}, {}
+    rows, jobs, inputs = {}, {}, {}
     for name in config.kernels:
         row = rows[name] = {"kernel": name, "T": t, "fwd_ms": None, "fwd_bwd_ms": None, "fwd_mem_mib": None,
-                            "fwd_bwd_mem_mib": None, "skipped": None, "note": None}
+                            "fwd_bwd_mem_mib": None, "skipped": None, "note": None, **dict.fromkeys(STAT_KEYS)}
+        kernel = KERNELS[name]
+        make = kernel.inputs or make_inputs
+        if make not in inputs:
+            inputs[make] = make(config, t, dtype)
+        args, cot_BTHD = inputs[make]
         functions = dict(zip(PARTS, kernel_functions(name, config.chunk_size), strict=True))
         skipped = []
         for part, part_args in zip(PARTS, (args, (*args, cot_BTHD)), strict=True):
@@ -238,6 +297,9 @@ def bench_length(config: BenchConfig, t: int, dtype, report: Callable[[str], Non
                 jobs[(name, part)] = (compiled.run, part_args)
         if skipped:
             row["skipped"] = f"skipped: {', '.join(skipped)} (limit {config.max_memory_gb:g} GiB)"
+        elif kernel.stats is not None:
+            report(f"T={t}: CG statistics of {name}")
+            row.update(kernel.stats(args, config.chunk_size))
     report(f"T={t}: timing {len(jobs)} functions, {config.repeats} interleaved rounds")
     notes: dict = {name: [] for name in rows}
     for (name, part), (ms, note) in _time_interleaved(jobs, config.repeats, config.max_call_seconds).items():

@@ -7,9 +7,13 @@ directory and renames it when complete, so a crash never leaves a half-written "
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import math
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -17,11 +21,20 @@ import orbax.checkpoint as ocp
 from mesacli.errors import MesaError
 
 
+class CheckpointUnreadable(MesaError):
+    """A checkpoint's files cannot be read (truncated, corrupted); ``step`` names it."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 class Checkpoints:
     """Save every N steps (the caller decides), keep the last K, restore the latest or a given step."""
 
     def __init__(self, directory: Path, keep: int = 3, read_only: bool = False):
         self.directory = Path(directory).absolute()
+        check_checkpoint_path(self.directory)
         # read_only only stops us creating the directory; Orbax's own read_only mode logs warnings.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                                enable_async_checkpointing=False)
@@ -43,24 +56,61 @@ class Checkpoints:
 
     def restore_meta(self, step: int | None = None) -> dict:
         step = self._resolve_step(step)
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        except Exception as err:  # noqa: BLE001 - any Orbax/IO failure means an unreadable checkpoint
-            raise MesaError(f"checkpoint {self.directory}/{step} is corrupted or unreadable: {_short(err)}") from None
-        return restored["meta"]
+        return self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restore (state, meta); ``abstract_state`` gives the structure, shapes, dtypes and shardings."""
         step = self._resolve_step(step)
         target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
-            )
-        except Exception as err:  # noqa: BLE001
-            raise MesaError(f"checkpoint {self.directory}/{step} is corrupted or unreadable: {_short(err)}") from None
+        restored = self._restore(step, ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                          meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
+
+    def _restore(self, step: int, args) -> dict:
+        """Orbax's restore; any failure (a truncated or corrupted file) is one CheckpointUnreadable, and Orbax's
+        abandoned read coroutines, collected afterwards, print nothing."""
+        reason = None
+        with _quiet_unraisable():
+            try:
+                return self._manager.restore(step, args=args)
+            except Exception as err:  # noqa: BLE001 - any Orbax/IO failure means an unreadable checkpoint
+                reason = _short(err)
+        raise CheckpointUnreadable(f"checkpoint step {step} in {self.directory} is corrupted or unreadable "
+                                   f"({reason})", step)
+
+    def readable_steps(self, make_template: Callable[[dict], Any], below: int | None = None):
+        """Yield (step, state, meta) of the readable checkpoints, newest first (below ``below`` if given), and
+        (step, None, reason) for each unreadable one on the way; ``make_template(meta)`` gives the abstract state."""
+        for step in sorted(self.all_steps(), reverse=True):
+            if below is not None and step >= below:
+                continue
+            try:
+                meta = self.restore_meta(step)
+                state, meta = self.restore(make_template(meta), step)
+            except CheckpointUnreadable as err:
+                yield step, None, str(err)
+                continue
+            yield step, state, meta
+
+    def newest_readable(self, make_template: Callable[[dict], Any],
+                        below: int | None = None) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the newest readable checkpoint (below ``below`` if given), or None."""
+        for step, state, meta in self.readable_steps(make_template, below):
+            if state is not None:
+                return step, state, meta
+        return None
+
+    def set_aside(self, step: int) -> Path:
+        """Rename an unreadable checkpoint to ``<step>.unreadable`` (kept for inspection, no longer a step)."""
+        source = self.directory / str(step)
+        target = self.directory / f"{step}.unreadable"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"{step}.unreadable{n}"
+        source.rename(target)
+        self._manager.reload()
+        return target
 
     def _resolve_step(self, step: int | None) -> int:
         if step is None:
@@ -71,19 +121,57 @@ class Checkpoints:
             raise MesaError(f"no checkpoint for step {step} in {self.directory} (have: {self.all_steps()})")
         return step
 
+    def delete(self, step: int) -> None:
+        """Remove the checkpoint of ``step`` (a diverged run's condemned parameters)."""
+        self._manager.delete(step)
+
     def close(self) -> None:
         self._manager.close()
 
 
+def check_checkpoint_path(path: Path) -> None:
+    """MesaError for a folder whose path has '[' or ']': TensorStore (under Orbax) writes checkpoints there that it
+    cannot read back (it takes the brackets for a pattern), so such a run would be lost at its first resume."""
+    if any(c in str(Path(path).absolute()) for c in "[]"):
+        raise MesaError(f"{path}: checkpoints cannot live under a path with '[' or ']' (Orbax cannot read them "
+                        f"back); choose another --run-dir")
+
+
 def _short(err: Exception) -> str:
+    """The gist of an Orbax / TensorStore error: its first sentence, without the dump of the TensorStore spec."""
     text = " ".join(str(err).split())
-    return (text[:200] + "...") if len(text) > 200 else text or type(err).__name__
+    text = text.split(" See full TensorStore details")[0].split(" <bound method")[0]
+    return (text[:160] + "...") if len(text) > 160 else text or type(err).__name__
+
+
+@contextlib.contextmanager
+def _quiet_unraisable():
+    """Within: "Exception ignored in <coroutine ...>" reports (Orbax's asyncio reads of a corrupted file, abandoned
+    when the first one failed) are dropped; they are collected before the block ends."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
+
+
+def finite_or_none(data: Any) -> Any:
+    """``data`` with every NaN or infinite float replaced by None (JSON's null): no bare ``NaN`` in our JSON."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(v) for v in data]
+    return data
 
 
 def dump_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+    """Write JSON atomically (temp file + rename); non-finite numbers become null."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(json.dumps(finite_or_none(data), indent=1, allow_nan=False))
     tmp.replace(path)
 
 
@@ -100,7 +188,7 @@ def write_output_json(path: Path, data: Any, indent: int = 1) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(data, indent=indent) + "\n")
+        tmp.write_text(json.dumps(finite_or_none(data), indent=indent, allow_nan=False) + "\n")
         tmp.replace(path)
     except OSError as err:
         raise MesaError(f"cannot write {path}: {err.strerror or err}") from None
@@ -117,11 +205,15 @@ def restore_latest(directory: Path, make_template: Any) -> tuple[Any, dict, int]
         return None
     ckpts = Checkpoints(directory, read_only=True)
     try:
-        step = ckpts.latest_step()
-        if step is None:
+        newest = ckpts.latest_step()
+        if newest is None:
             return None
-        meta = ckpts.restore_meta(step)
-        state, meta = ckpts.restore(make_template(meta), step)
+        found = ckpts.newest_readable(make_template)
+        if found is None or found[0] != newest:
+            older = f"the newest readable one is step {found[0]}" if found else "no older one is readable"
+            raise MesaError(f"checkpoint step {newest} in {directory} is corrupted or unreadable; {older} "
+                            f"(the command that wrote them resumes from it, setting the broken ones aside)")
     finally:
         ckpts.close()
+    step, state, meta = found
     return state, meta, step

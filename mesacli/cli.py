@@ -12,6 +12,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from typer.core import TyperGroup
 
 from mesacli import render
@@ -25,9 +26,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-# Not on a terminal (CI logs, pipes) rich would wrap tables at 80 columns: give it room.
-console = Console(width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
+# Not on a terminal (CI logs, pipes) rich would wrap tables at 80 columns: give it room.  No console markup:
+# messages, tables and paths carry user text (`e.g. [softmax, mesa]`, a folder named `[draft]`) that rich would
+# otherwise read as style tags and drop.
+console = Console(width=None if sys.stdout.isatty() else 140, markup=False)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400, markup=False)
+
+
+def _print_error(message: object) -> None:
+    """'error: MESSAGE' on stderr, one line, the message printed as it is (no markup)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
 
 
 def _user_errors(fn: Callable) -> Callable:
@@ -40,10 +48,10 @@ def _user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except TrainingDiverged as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            _print_error(err)
             raise typer.Exit(1) from None
         except MesaError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            _print_error(err)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -60,19 +68,19 @@ def _runtime_settings() -> None:
     try:
         runtime.configure_from_env()
     except ValueError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        _print_error(err)
         raise typer.Exit(2) from None
 
 
-def _stopped_early(result, total_steps: int, run_dir: Path) -> bool:
+def _stopped_early(result, total_steps: int, run_dir: Path, *, say_resumed: bool = True) -> bool:
     """Say where a training session resumed from and, if it ended before ``total_steps``, how to resume
-    (exit 130 after Ctrl-C).  True if it ended early."""
-    if result.resumed_from is not None:
+    (exit 130 after SIGTERM or Ctrl-C).  True if it ended early.  Also for a prompt-tuning stage's result."""
+    if say_resumed and result.resumed_from is not None:
         console.print(f"resumed from step {result.resumed_from}")
     if not (result.interrupted or result.step < total_steps):
         return False
     console.print(f"stopped at step {result.step} of {total_steps}; "
-                  f"run the same command again to resume from {run_dir}")
+                  f"run the same command again to resume from {run_dir}", highlight=False)
     if result.interrupted:
         raise typer.Exit(130)
     return True
@@ -172,14 +180,15 @@ def bench(
     chunk_size: int = typer.Option(64, help="Chunk size of the chunked kernels (softmax: query block)."),
     repeats: int = typer.Option(5, help="Timed rounds; each calls every kernel at one T once (median reported)."),
     kernels: str = typer.Option("softmax,linear_chunked,mesa_sequential,mesa_chunked",
-                                help="Comma-separated kernels to compare (also: softmax_dense)."),
+                                help="Comma-separated kernels to compare (also: softmax_dense, mesanet_exact, "
+                                     "mesanet_cg, mesanet_cg_fixed)."),
     out: Path = typer.Option(Path("bench.json"), help="Where the JSON results are written."),
     dtype: str = typer.Option("float32", help="float32 or float64."),
     max_memory_gb: float = typer.Option(8.0, help="Skip a configuration whose compiled memory estimate is larger."),
     max_call_seconds: float = typer.Option(60.0, help="If the warm-up call takes longer, report it as the timing."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show what is running on stderr."),
 ):
-    """Compare attention kernels (softmax, chunked linear, sequential and chunked mesa): time and memory."""
+    """Compare attention kernels (softmax, chunked linear, sequential and chunked mesa, MesaNet): time and memory."""
     import contextlib
 
     from mesacli.bench import BenchConfig, parse_int_list, parse_names, run_bench
@@ -247,8 +256,6 @@ def probe(
     """Reverse-engineer a trained run (paper section 4): writes RUN_DIR/probe/*.json, *.png and summary.md."""
     from mesacli.probe import run_probe
 
-    if precond not in ("auto", "exact", "chebyshev"):
-        raise MesaError(f"--precond must be auto, exact or chebyshev, got {precond!r}")
     options = {"precond": precond, "prop2_train_steps": prop2_steps, "distil_steps": distil_steps,
                "distil_lr": distil_lr,
                "interpolation_steps": interpolation_steps, "gd1_phi0_steps": gd1_phi0_steps}
@@ -323,11 +330,8 @@ def prompt_tune(
                      n_examples=examples, x_dist=x_dist, seed=seed, checkpoint_every=checkpoint_every)
     results = run_prompt_tune(run_dir, what, cfg, progress=progress, model_step=step, stop_at_step=stop_at)
     console.print(render.prompt_tune_table(run_dir, results))
-    if results[-1].interrupted:  # SIGTERM or Ctrl-C: the step under way was saved
-        console.print(f"stopped at step {results[-1].step} of {steps}; run the same command again to resume")
-        raise typer.Exit(130)
-    if results[-1].step < steps:
-        console.print(f"stopped at step {results[-1].step} of {steps}; run the same command again to resume")
+    # the table says where each stage resumed from; SIGTERM or Ctrl-C (the step under way saved): exit 130
+    _stopped_early(results[-1], steps, run_dir, say_resumed=False)
 
 
 # ----------------------------------------------------------------------------- mesacli reproduce
@@ -366,14 +370,27 @@ def reproduce_run(
                                                     "when it runs out training stops as on SIGTERM (step saved)."),
     results: Path = typer.Option(Path("results"), help=_RESULTS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    restarts: int = typer.Option(3, min=0, help="Run the work in a child process and start it again (from the last "
+                                                "checkpoint) when a stalled step ended it, at most this many times; "
+                                                "0: run in this process."),
 ):
     """Train / resume and analyse what the entries need, in priority order, from the shipped specs."""
     from mesacli.reproduce.ledger import load_ledger
-    from mesacli.reproduce.run import parse_budget
+    from mesacli.reproduce.run import parse_budget, run_with_restarts
     from mesacli.reproduce.run import reproduce_run as run_ledger
 
     budget_s = parse_budget(budget) if budget is not None else None
-    report = run_ledger(load_ledger(), list(ids or []), budget_s=budget_s, results_dir=results, progress=progress,
+    ledger = load_ledger()
+    ledger.select(list(ids or []))  # unknown ids are an error here, not in the child
+    if restarts > 0:
+        def command(left: float | None) -> list[str]:
+            return [sys.executable, "-m", "mesacli.cli", "reproduce", "run", *(ids or []), "--results", str(results),
+                    "--restarts", "0", "--progress" if progress else "--no-progress",
+                    *([] if left is None else ["--budget", f"{left:.0f}s"])]
+
+        raise typer.Exit(run_with_restarts(command, budget_s, restarts,
+                                           say=lambda message: err_console.print(message, highlight=False)))
+    report = run_ledger(ledger, list(ids or []), budget_s=budget_s, results_dir=results, progress=progress,
                         say=lambda message: err_console.print(message, highlight=False))
     console.print(render.reproduce_run_table(report))
     if report.stopped == "SIGTERM":
@@ -407,8 +424,8 @@ class _TrainByDefault(TyperGroup):
 
 
 lm_app = typer.Typer(cls=_TrainByDefault, no_args_is_help=True, pretty_exceptions_enable=False,
-                     help="Hybrid language models (softmax, linear, DPFP, mesa layers) on local text (paper app. G). "
-                          "`mesacli lm SPEC.yaml` = `mesacli lm train SPEC.yaml`.")
+                     help="Hybrid language models (softmax, linear, DPFP, mesa, MesaNet layers) on local text "
+                          "(paper app. G). `mesacli lm SPEC.yaml` = `mesacli lm train SPEC.yaml`.")
 app.add_typer(lm_app, name="lm")
 
 
@@ -474,7 +491,7 @@ def lm_generate(
     seed: int = typer.Option(0, help="Sampling seed."),
     step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the latest)."),
 ):
-    """Sample text with the recurrent (constant-memory) forms of the linear, DPFP and mesa layers."""
+    """Sample text with the recurrent (constant-memory) forms of the linear, DPFP, mesa and MesaNet layers."""
     from mesacli.lm.generate import generate
     from mesacli.lm.state import load_lm
 

@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mesacli import runtime
 from mesacli.errors import MesaError
 
 ENV_COORDINATOR = "MESACLI_COORDINATOR"
@@ -166,7 +167,7 @@ def supervise(argv: list[str], cluster: Cluster) -> int:
                                       delete=False)
     env = dict(os.environ, **{ENV_WORKER: "1"})
     child = subprocess.Popen([sys.executable, "-m", "mesacli.cli", *argv], stderr=log, env=env,
-                             preexec_fn=_die_with_parent)
+                             preexec_fn=runtime.die_with_parent)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
     try:
         returncode = child.wait()
@@ -188,16 +189,6 @@ def supervise(argv: list[str], cluster: Cluster) -> int:
     sys.stderr.write(f"error: {message} (process {cluster.process_id}; full log: {log.name})\n")
     ours = any(line.startswith("error:") for line in text.splitlines())
     return returncode if ours and returncode in (1, 2) else EXIT_DISTRIBUTED
-
-
-def _die_with_parent() -> None:
-    """In the worker: be killed if the supervisor dies (Linux prctl PR_SET_PDEATHSIG), never orphaned."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 def _our_lines(text: str) -> str:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mesacli import baselines, model, plots, tasks
+from mesacli import baselines, model, plots, rundir, tasks
 from mesacli.checkpoint import dump_json
 from mesacli.rundir import replica_seeds
 from mesacli.sharding import make_mesh
@@ -21,8 +21,9 @@ from mesacli.state import load_params
 
 def make_evaluator(spec: Spec, mesh: Mesh, stacked: bool = False) -> Callable[[Any], np.ndarray]:
     """params -> per-position test loss [T], the mean over the fixed test batches; with ``stacked``,
-    params with a leading replica axis -> [S, T]."""
-    batches = tasks.eval_batches(spec, sharding=NamedSharding(mesh, PartitionSpec("data")))
+    params with a leading replica axis -> [S, T].  MesaError if the test batches and their evaluation do not fit
+    in memory (checked on the compiled evaluation, before a batch is made)."""
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
     def curve(params, batch):
         pred, _ = model.apply(params, batch.tokens_BTI, spec)
@@ -30,11 +31,34 @@ def make_evaluator(spec: Spec, mesh: Mesh, stacked: bool = False) -> Callable[[A
 
     curve = jax.jit(jax.vmap(curve, in_axes=(0, None)) if stacked else curve,
                     out_shardings=NamedSharding(mesh, PartitionSpec()))
+    _check_fits(spec, mesh, curve, batch_sharding, stacked)
+    batches = tasks.eval_batches(spec, sharding=batch_sharding)
 
     def evaluate(params) -> np.ndarray:
         return np.mean([np.asarray(curve(params, b)) for b in batches], axis=0)
 
     return evaluate
+
+
+def _check_fits(spec: Spec, mesh: Mesh, curve, batch_sharding: NamedSharding, stacked: bool) -> None:
+    """The compiled evaluation of one test batch plus the other stored test batches must fit in memory (compiled
+    on abstract arguments placed like the real ones, so that the first real call reuses the executable; the params
+    of one replica unless ``stacked``)."""
+    from mesacli.memory import check_fits
+    from mesacli.state import init_state, state_sharding
+
+    def placed(tree, sharding):
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+    one = spec if stacked else dataclasses.replace(spec, train=dataclasses.replace(spec.train, seeds=1))
+    params = placed(jax.eval_shape(lambda: init_state(one, mesh))["params"], state_sharding(one, mesh)["params"])
+    batch = placed(jax.eval_shape(lambda key: tasks.sample_batch(key, spec, spec.train.batch_size),
+                                  tasks.eval_batch_key(spec, 0)), batch_sharding)
+    batch_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(batch)) // mesh.shape["data"]
+    check_fits(curve.lower(params, batch).compile(), f"evaluating the {spec.train.eval_batches} fixed test batches",
+               extra_bytes=(spec.train.eval_batches - 1) * batch_bytes,
+               hint="reduce task.seq_len, train.batch_size or train.eval_batches (train.micro_batch does not apply "
+                    "to the evaluation)")
 
 
 @dataclasses.dataclass
@@ -53,6 +77,7 @@ def evaluate_run(run_dir: str | Path, step: int | None = None, with_baselines: b
     line-searched) and ridge LSQ; writes RUN_DIR/eval_step<N>.json and .png."""
     run_dir = Path(run_dir)
     spec, params, at_step = load_params(run_dir, step)
+    rundir.check_writable(run_dir)
     stacked = spec.train.seeds > 1
     per_seed = np.atleast_2d(make_evaluator(spec, make_mesh(replicas=spec.train.seeds), stacked=stacked)(params))
     label = f"{spec.name} @ {at_step}" + (f" ({spec.train.seeds} seeds, mean ± std)" if stacked else "")

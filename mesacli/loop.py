@@ -5,9 +5,11 @@
 - metrics are buffered on device and flushed every ``log`` steps (and at evaluations and checkpoints) into a
   JSONL log (``MetricLog``); on resume the log is first cut back to the restored step (``truncate_jsonl``);
 - a non-finite loss (or parameters, where the step reports ``params_finite``) raises ``TrainingDiverged``,
-  naming the last good checkpoint;
-- Ctrl-C, and SIGTERM (which stops after the step under way: ``runtime.stop_on_sigterm``), flush the log, save
-  the last finished step and return ``interrupted = True``;
+  deleting the checkpoints that do not evaluate finite and naming the last good one;
+- SIGTERM and Ctrl-C (which stop after the step under way: ``runtime.stop_on_signals``; a second Ctrl-C cuts the
+  step, never a save) flush the log, save the last finished step and return ``interrupted = True``;
+- a stalled step (no progress for far longer than the slowest step) ends the process with exit code 75
+  (``runtime.StallWatchdog``), the last checkpoint kept;
 - one progress bar (``progress_bar``) shows the step, the loss and the time left.
 
 ``accumulated_value_and_grad`` is the gradient accumulation over micro-batches used by the train and tune steps.
@@ -27,13 +29,20 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from mesacli import runtime
-from mesacli.checkpoint import Checkpoints
+from mesacli.checkpoint import Checkpoints, finite_or_none
 from mesacli.errors import MesaError
 from mesacli.rundir import CHECKPOINT_DIR
 
 
 class TrainingDiverged(MesaError):
-    """The loss or the parameters became non-finite; the last good checkpoint is kept."""
+    """The loss or the parameters became non-finite; the last good checkpoint is kept.
+
+    ``first_bad_params``: the number of updates after which the parameters were found bad (the step with 0-based
+    index i evaluates the loss of the parameters after i updates: a non-finite loss there condemns them)."""
+
+    def __init__(self, message: str, first_bad_params: int = 0):
+        super().__init__(message)
+        self.first_bad_params = first_bad_params
 
 
 # ----------------------------------------------------------------------------- gradient accumulation
@@ -69,17 +78,18 @@ def accumulated_value_and_grad(loss: Callable, params, batch, micro_batch: int |
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop the lines of a JSONL log written after ``last_step`` (the checkpoint a run resumes from), and any
-    unreadable line, so that the resumed log has no duplicates."""
+    unreadable line (not JSON, not UTF-8), so that the resumed log has no duplicates."""
     path = Path(path)
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for raw in path.read_bytes().splitlines():
         try:
+            line = raw.decode("utf-8")
             if json.loads(line)["step"] <= last_step:
                 keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            continue  # a torn or overwritten line (a crash mid-write, a disk fault)
     path.write_text("".join(k + "\n" for k in keep))
 
 
@@ -108,7 +118,9 @@ class MetricLog:
                 self._write(lines)
                 bad_seeds = ", ".join(str(s) for s in np.array(self.seeds)[bad])
                 which = "" if len(self.seeds) == 1 else f" (seed {bad_seeds})"
-                raise TrainingDiverged(f"non-finite loss or parameters at step {step + 1}{which}")
+                finite_loss = bool(np.isfinite(loss).all())  # bad parameters alone: these updated ones are bad
+                raise TrainingDiverged(f"non-finite loss or parameters at step {step + 1}{which}",
+                                       step if not finite_loss else step + 1)
             self.last_loss = float(loss.mean())
             if (step + 1) % self.log_every == 0 or step == pending[-1][0]:
                 line = {"step": step + 1, "loss": self.last_loss}
@@ -127,7 +139,7 @@ class MetricLog:
         if lines and self.write:
             with self.path.open("a") as f:
                 for line in lines:
-                    f.write(json.dumps(line) + "\n")
+                    f.write(json.dumps(finite_or_none(line), allow_nan=False) + "\n")
 
 
 # ----------------------------------------------------------------------------- progress
@@ -137,7 +149,7 @@ def progress_bar(enabled: bool, loss_label: str = "loss"):
     """The one progress bar of the training loops: description, bar, step/total, loss, time left."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    columns = [TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
                TextColumn(f"{loss_label} {{task.fields[loss]}}"), TimeRemainingColumn()]
     return Progress(*columns, disable=not enabled, transient=False)
 
@@ -156,44 +168,76 @@ class Every:
 
 def run_steps(state, start: int, end: int, total: int, *, step_fn: Callable, log: MetricLog, save: Callable,
               ckpts: Checkpoints, run_dir: Path, every: Every, eval_record: Callable | None,
-              on_flush: Callable[[int, float], None]) -> tuple[Any, int, bool]:
+              on_flush: Callable[[int, float], None], usable: Callable[[Any], bool] | None = None
+              ) -> tuple[Any, int, bool]:
     """Steps start..end-1 with ``step_fn(state, step) -> (state, metrics)``.
 
     Metrics are flushed every log interval and at evaluations and checkpoints (a non-finite loss raises
     TrainingDiverged there); ``eval_record(state, step)`` is logged every eval interval and at step ``total``;
-    ``save(state, step)`` every checkpoint interval and at ``end``.  Ctrl-C, or SIGTERM (which stops after the step
-    under way), flushes and saves the last finished step and returns interrupted = True; divergence closes the
-    checkpoints and names the last good one.  Returns (state, step, interrupted)."""
+    ``save(state, step)`` every checkpoint interval and at ``end``.  A step that never ends (an XLA:CPU deadlock)
+    ends the process with ``runtime.EXIT_STALLED`` (``runtime.StallWatchdog``).  SIGTERM or Ctrl-C
+    (``runtime.stop_on_signals``: the step under way is finished; a second Ctrl-C cuts it, never a save) flushes
+    and saves the last finished step and returns interrupted = True.  Divergence deletes, newest first, the
+    checkpoints for which ``usable(state)`` (their held-out evaluation is finite) is False, or without that check
+    those whose own loss was not finite (the step that diverged evaluated the parameters saved before it); it
+    closes the checkpoints and names the last good one.  Returns (state, step, interrupted)."""
     step, interrupted = start, False
+    saved = [ckpts.latest_step()]
+
+    def where() -> str:  # the stall watchdog's last words
+        last = f"the last checkpoint is step {saved[-1]}" if saved[-1] is not None else "no checkpoint was saved"
+        return f"at step {step + 1} of {end}, {last} in {Path(run_dir) / CHECKPOINT_DIR} (run again to resume)"
+
     try:
-        with runtime.stop_on_sigterm():
-            while step < end:
-                state, metrics = step_fn(state, step)
-                log.add(step, metrics)
-                step += 1
-                do_eval = eval_record is not None and (step % every.eval == 0 or step == total)
-                do_ckpt = step % every.checkpoint == 0 or step == end
-                if step % every.log == 0 or do_eval or do_ckpt:
-                    log.flush(eval_record(state, step) if do_eval else None)
-                    on_flush(step, log.last_loss)
-                if do_ckpt:
+        with runtime.stop_on_signals(), runtime.stall_watchdog(where) as watchdog:
+            try:
+                while step < end:
+                    state, metrics = step_fn(state, step)
+                    log.add(step, metrics)
+                    step += 1
+                    do_eval = eval_record is not None and (step % every.eval == 0 or step == total)
+                    do_ckpt = step % every.checkpoint == 0 or step == end
+                    if step % every.log == 0 or do_eval or do_ckpt:
+                        log.flush(eval_record(state, step) if do_eval else None)
+                        on_flush(step, log.last_loss)
+                    if do_ckpt:
+                        save(state, step)
+                        saved.append(step)
+                    if watchdog is not None:
+                        watchdog.beat()
+                    if runtime.stop_requested() and step < end:
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                interrupted = True
+                step = int(state["step"])  # a second Ctrl-C may land between the step and the counter
+                log.pending = [(s, m) for s, m in log.pending if s < step]
+                log.flush()
+                try:
                     save(state, step)
-                if runtime.stop_requested() and step < end:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        interrupted = True
-        try:
-            log.flush()
-            save(state, step)
-        except TrainingDiverged:
-            pass
+                except KeyboardInterrupt:  # a Ctrl-C during the save: it is complete (uninterruptible)
+                    pass
     except TrainingDiverged as err:
-        last = ckpts.latest_step()
+        while (last := ckpts.latest_step()) is not None and not _good(ckpts, last, state, usable, err):
+            ckpts.delete(last)
         ckpts.close()
-        kept = f"last good checkpoint: step {last}" if last is not None else "no checkpoint was saved"
+        kept = f"last good checkpoint: step {last}" if last is not None else "no good checkpoint was saved"
         hint = f"; {log.hint}" if log.hint else ""
-        raise TrainingDiverged(f"{err}; training stopped ({kept} in {Path(run_dir) / CHECKPOINT_DIR}){hint}") from None
+        raise TrainingDiverged(f"{err}; training stopped ({kept} in {Path(run_dir) / CHECKPOINT_DIR}){hint}",
+                               err.first_bad_params) from None
     return state, step, interrupted
+
+
+def _good(ckpts: Checkpoints, step: int, template, usable: Callable[[Any], bool] | None,
+          err: TrainingDiverged) -> bool:
+    """Is the checkpoint of ``step`` worth keeping after a divergence?  With a held-out check, its own evaluation
+    must be finite (a NaN from a bad batch leaves good parameters); without, it must precede the parameters the
+    divergence condemned."""
+    if usable is None:
+        return step < err.first_bad_params
+    try:
+        return usable(ckpts.restore(template, step)[0])
+    except MesaError:  # unreadable
+        return False
 
 
 @dataclasses.dataclass
@@ -208,11 +252,13 @@ class LoopResult:
 def run(state, *, ckpts: Checkpoints, run_dir: Path, log_path: Path, end: int, total: int, step_fn: Callable,
         every: Every, meta: dict, seeds: list[int], description: str, eval_record: Callable | None = None,
         progress: bool = True, write: bool = True, loss_label: str = "loss", hint: str = "",
-        on_log: Callable[[int, float], None] | None = None) -> LoopResult:
+        on_log: Callable[[int, float], None] | None = None, usable: Callable[[Any], bool] | None = None
+        ) -> LoopResult:
     """Step ``state`` (resumed at its own ``step``) to ``end`` of ``total`` with the guarded loop, logging to
     ``log_path`` and checkpointing into ``ckpts`` (= run_dir/checkpoints, closed on return); ``meta`` goes into
     every checkpoint with the step and the loss.  ``write`` = False (a non-primary process) writes no log lines.
-    ``hint`` ends the divergence message; ``on_log(step, loss)`` is called at every flush."""
+    ``hint`` ends the divergence message; ``on_log(step, loss)`` is called at every flush; ``usable(state)`` tells
+    whether a checkpoint kept after a divergence evaluates finite (``run_steps``)."""
     start = int(state["step"])
     if write:
         truncate_jsonl(log_path, start)
@@ -220,7 +266,8 @@ def run(state, *, ckpts: Checkpoints, run_dir: Path, log_path: Path, end: int, t
 
     def save(state, step: int) -> None:
         if ckpts.latest_step() != step:
-            ckpts.save(step, state, dict(meta, step=step, loss=log.last_loss))
+            with runtime.uninterruptible():
+                ckpts.save(step, state, dict(meta, step=step, loss=finite_or_none(log.last_loss)))
 
     t0 = time.time()
     try:
@@ -234,7 +281,7 @@ def run(state, *, ckpts: Checkpoints, run_dir: Path, log_path: Path, end: int, t
 
             state, step, interrupted = run_steps(state, start, end, total, step_fn=step_fn, log=log, save=save,
                                                  ckpts=ckpts, run_dir=run_dir, every=every, eval_record=eval_record,
-                                                 on_flush=on_flush)
+                                                 on_flush=on_flush, usable=usable)
     finally:
         ckpts.close()
     return LoopResult(state, step, interrupted, log.last_loss, time.time() - t0)

@@ -96,9 +96,15 @@ def _ratio_pair(a: float | None, b: float | None) -> str:
     return "-" if a is None and b is None else f"{one(a)} / {one(b)}"
 
 
+def _cg_steps(row: dict) -> str:
+    return "" if row.get("cg_steps_max") is None else f"{row['cg_steps_mean']:.1f} / {row['cg_steps_max']}"
+
+
 def bench_table(result: dict) -> Table:
-    """`mesacli bench`: one row per (T, kernel): times, memory, ratios to chunked linear attention, mesa speed-up."""
+    """`mesacli bench`: one row per (T, kernel): times, memory, ratios to chunked linear attention, mesa speed-up
+    and, when a MesaNet CG kernel ran, its CG steps per query (mean / max) and largest relative residual."""
     cfg = result["config"]
+    with_cg = any(row.get("cg_steps_max") is not None for row in result["rows"])
     table = Table(title=f"attention kernels on {cfg['device']} (B={cfg['batch']}, H={cfg['heads']}, "
                         f"D={cfg['d_head']}, chunk={cfg['chunk_size']}, {cfg['dtype']}, median of "
                         f"{cfg['repeats']}; memory = compiled estimate; allocator {cfg.get('allocator', '?')})",
@@ -106,6 +112,7 @@ def bench_table(result: dict) -> Table:
     for name, justify in [("T", "right"), ("kernel", "left"), ("fwd ms", "right"), ("fwd+bwd ms", "right"),
                           ("fwd MiB", "right"), ("fwd+bwd MiB", "right"), ("time ×linear\nfwd / fwd+bwd", "right"),
                           ("memory ×linear\nfwd / fwd+bwd", "right"), ("seq ÷ chunked\nfwd / fwd+bwd", "right"),
+                          *([("CG steps\nmean / max", "right"), ("CG max\nresidual", "right")] if with_cg else []),
                           ("note", "left")]:
         table.add_column(name, justify=justify)
     last_t = None
@@ -121,6 +128,8 @@ def bench_table(result: dict) -> Table:
             _ratio_pair(ratio["fwd_mem_mib_vs_linear"], ratio["fwd_bwd_mem_mib_vs_linear"]),
             "" if row["kernel"] != "mesa_chunked" else _ratio_pair(ratio["seq_over_chunked_fwd"],
                                                                   ratio["seq_over_chunked_fwd_bwd"]),
+            *([_cg_steps(row), "" if row.get("cg_residual_max") is None else f"{row['cg_residual_max']:.1e}"]
+              if with_cg else []),
             note,
         )
     return table

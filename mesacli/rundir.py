@@ -16,12 +16,14 @@ trained: the trainers give it their spec loader and state template.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 
-from mesacli.checkpoint import Checkpoints
+from mesacli.checkpoint import Checkpoints, CheckpointUnreadable, check_checkpoint_path
 from mesacli.errors import MesaError
 from mesacli.spec_loader import spec_diff, spec_to_dict, spec_to_yaml
 
@@ -36,18 +38,42 @@ TUNE_DIR = "prompt_tune"
 SpecLoader = Callable[[Path], Any]
 
 
+def check_writable(path: str | Path) -> None:
+    """MesaError unless the folder ``path`` can be written (created, if it does not exist yet): checked before long
+    work starts, so that a finished computation never fails on its outputs."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is below the file {existing}"
+        raise MesaError(f"cannot write to {path}: it {what}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MesaError(f"cannot write to {path}: permission denied on {existing}")
+
+
 def prepare(spec: Any, run_dir: Path, load: SpecLoader) -> None:
-    """Create a run directory, or check that an existing one was made with this exact spec (read by ``load``)."""
+    """Create a run directory, or check that an existing one was made with this exact spec (read by ``load``).
+
+    A run directory with a different spec is refused, unless it holds no checkpoint yet (a start that failed
+    before its first save, e.g. on a bad corpus path or batch size): then the new spec replaces the old one and
+    the stale metric log is dropped."""
     run_dir = Path(run_dir)
     spec_path = run_dir / SPEC_FILE
     if run_dir.exists() and not run_dir.is_dir():
         raise MesaError(f"run directory {run_dir} exists and is not a directory")
+    check_writable(run_dir)
+    check_checkpoint_path(run_dir)
     if spec_path.exists():
         try:
             stored = load(spec_path)
         except MesaError as err:
             raise MesaError(f"run directory {run_dir} has an unreadable spec: {err}") from None
-        if stored != spec:
+        checkpoints = run_dir / CHECKPOINT_DIR
+        if stored != spec and not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+            spec_path.unlink()  # nothing was trained with the old spec: start over with this one
+            (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        elif stored != spec:
             diff = "; ".join(spec_diff(stored, spec)[:4])
             raise MesaError(
                 f"run directory {run_dir} was made with a different spec ({diff}); "
@@ -109,12 +135,77 @@ def prune_checkpoints(run_dir: str | Path, keep: int = 1) -> list[int]:
 
 
 def restore_state(spec: Any, ckpts: Checkpoints, template: dict, step: int | None = None) -> dict:
-    """Restore a train state, refusing a checkpoint written for a different spec (any spec dataclass)."""
-    meta = ckpts.restore_meta(step)
-    if meta.get("spec") != spec_to_dict(spec):
-        raise MesaError(f"checkpoint in {ckpts.directory} was written for a different spec")
-    state, _ = ckpts.restore(template, step)
+    """Restore a train state, refusing a checkpoint written for a different spec (any spec dataclass).  An
+    unreadable latest checkpoint (no ``step`` given) is an error that names the newest readable one."""
+    try:
+        meta = ckpts.restore_meta(step)
+        _check_spec(spec, meta, ckpts)
+        state, _ = ckpts.restore(template, step)
+    except CheckpointUnreadable as err:
+        if step is not None:
+            raise
+        found = ckpts.newest_readable(lambda meta: template, below=err.step)
+        older = None if found is None else found[0]
+        where = f"the newest readable one is step {older}: pass --step {older}" if older is not None else \
+            "no older checkpoint is readable"
+        raise MesaError(f"{err}; {where}") from None
     return state
+
+
+def resume_state(spec: Any, ckpts: Checkpoints, template: dict,
+                 warn: Callable[[str], None]) -> tuple[dict, int] | None:
+    """(state, step) of the newest readable checkpoint to resume training from, or None if there is none.
+
+    Unreadable newer checkpoints are renamed ``<step>.unreadable`` (kept, no longer steps) with a warning, so
+    that training goes on from the one before; if every checkpoint is unreadable that is an error (nothing is
+    retrained over them silently)."""
+    if ckpts.latest_step() is None:
+        return None
+    broken = []
+    for step, state, meta in ckpts.readable_steps(lambda meta: template):
+        if state is None:
+            broken.append((step, meta))
+            continue
+        _check_spec(spec, meta, ckpts)
+        for bad, reason in broken:
+            moved = ckpts.set_aside(bad)
+            warn(f"warning: {reason}; moved to {moved.name}, resuming from step {step}")
+        return state, step
+    raise MesaError(f"no checkpoint in {ckpts.directory} is readable ({broken[0][1]}); move the folder away to "
+                    f"train from scratch")
+
+
+def _check_spec(spec: Any, meta: dict, ckpts: Checkpoints) -> None:
+    if not same_spec(spec, meta.get("spec")):
+        raise MesaError(f"checkpoint in {ckpts.directory} was written for a different spec")
+
+
+def same_spec(spec: Any, stored: Any) -> bool:
+    """Was ``stored`` (a checkpoint's spec dict) written for ``spec``?  A key the stored dict lacks counts as
+    its default: a spec key added to mesacli later does not orphan the checkpoints written before it."""
+
+    def matches(obj: Any, as_dict: dict, stored: Any) -> bool:
+        if not isinstance(stored, dict) or set(stored) - set(as_dict):
+            return False
+        for field in dataclasses.fields(obj):
+            value, name = getattr(obj, field.name), field.name
+            if name not in stored:
+                if field.default is not dataclasses.MISSING:
+                    default = field.default
+                elif field.default_factory is not dataclasses.MISSING:
+                    default = field.default_factory()
+                else:
+                    return False
+                if value != default:
+                    return False
+            elif dataclasses.is_dataclass(value):
+                if not matches(value, as_dict[name], stored[name]):
+                    return False
+            elif as_dict[name] != stored[name]:
+                return False
+        return True
+
+    return matches(spec, spec_to_dict(spec), stored)
 
 
 def restore(run_dir: str | Path, load: SpecLoader, make_template: Callable[[Any], dict],

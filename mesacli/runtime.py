@@ -1,13 +1,15 @@
 """Process-wide runtime settings that every mesacli command applies before it starts JAX work.
 
-Graceful stop on SIGTERM (``stop_on_sigterm``, used by the training and prompt-tuning loops).  A job
+Graceful stop on SIGTERM and Ctrl-C (``stop_on_signals``, used by the training and prompt-tuning loops).  A job
 scheduler pre-empts a job, and ``kill PID`` stops one, with SIGTERM; a command started in the background
 by a non-interactive shell (``nohup mesacli train ... &``) ignores SIGINT, so SIGTERM is the only polite way
-to stop it.  Inside the loops SIGTERM only raises a flag: the loop finishes the step it is on, then stops as
-on Ctrl-C (metrics flushed, a checkpoint of that step saved, exit code 130).  Anywhere else SIGTERM keeps
-its default action.  Blocks nest (`mesacli reproduce run` wraps the loops: a SIGTERM between two loops stands),
-and ``deadline(seconds)`` makes ``stop_requested()`` turn True once a time budget has passed, so a budget
-stops a loop exactly as SIGTERM does.
+to stop it.  Inside the loops SIGTERM, and a first Ctrl-C, only raise a flag: the loop finishes the step it is on,
+then stops (metrics flushed, a checkpoint of that step saved, exit code 130); a second Ctrl-C stops at once, but
+never inside a checkpoint save (``uninterruptible``).  Anywhere else both signals keep their default action.
+Blocks nest (`mesacli reproduce run` wraps the loops: a SIGTERM between two loops stands), and
+``deadline(seconds)`` makes ``stop_requested()`` turn True once a time budget has passed, so a budget stops a
+loop exactly as SIGTERM does.  ``StallWatchdog`` ends a process whose loop stopped making progress (exit code
+``EXIT_STALLED``).
 
 Host memory allocator.  glibc's malloc serves every request of 32 MiB or more (the ceiling of its
 dynamic mmap threshold) with a fresh ``mmap`` and gives it back to the kernel on ``free``; smaller
@@ -41,7 +43,8 @@ _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 _LARGEST = 2**31 - 1  # mallopt takes an int
 
-_state = {"allocator": "glibc", "stop_requested": False, "sigterm_depth": 0, "deadline": None}
+_state = {"allocator": "glibc", "stop_requested": False, "sigterm_depth": 0, "deadline": None, "interrupts": 0,
+          "uninterruptible": False, "interrupt_pending": False}
 
 
 def allocator() -> str:
@@ -87,28 +90,62 @@ def configure_from_env(environ=os.environ) -> str:
 
 
 @contextlib.contextmanager
-def stop_on_sigterm():
-    """Within: SIGTERM sets ``stop_requested()`` instead of ending the process (the loop then stops at a step
-    boundary and saves); the previous handler comes back on exit.  A no-op off the main thread."""
+def stop_on_signals():
+    """Within: SIGTERM, and a first Ctrl-C (SIGINT), set ``stop_requested()`` instead of ending the process (the loop
+    then stops at a step boundary and saves); a second Ctrl-C raises KeyboardInterrupt at once, except inside
+    ``uninterruptible()`` (a checkpoint save), which raises it when the save is complete.  A SIGINT that the process
+    ignores (a background job of a non-interactive shell) stays ignored.  The previous handlers come back on exit.
+    A no-op off the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     outermost = _state["sigterm_depth"] == 0
-    if outermost:  # nested (a loop inside `reproduce run`): a SIGTERM seen by the outer block is kept
+    if outermost:  # nested (a loop inside `reproduce run`): a stop request seen by the outer block is kept
         _state["stop_requested"] = False
+        _state["interrupts"] = 0
 
     def request_stop(signum, frame):
         _state["stop_requested"] = True
 
-    previous = signal.signal(signal.SIGTERM, request_stop)
+    def interrupt(signum, frame):
+        _state["stop_requested"] = True
+        _state["interrupts"] += 1
+        if _state["interrupts"] > 1:
+            if _state["uninterruptible"]:
+                _state["interrupt_pending"] = True
+            else:
+                raise KeyboardInterrupt
+
+    previous_term = signal.signal(signal.SIGTERM, request_stop)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, interrupt)
     _state["sigterm_depth"] += 1
     try:
         yield
     finally:
         _state["sigterm_depth"] -= 1
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        if previous_int is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous_int)
         if outermost:
             _state["stop_requested"] = False
+            _state["interrupts"] = 0
+
+
+@contextlib.contextmanager
+def uninterruptible():
+    """Within (a checkpoint save): a second Ctrl-C under ``stop_on_signals`` waits until the block is done, then
+    raises KeyboardInterrupt, so that a save is never cut half-way."""
+    outer = _state["uninterruptible"]
+    _state["uninterruptible"] = True
+    try:
+        yield
+    finally:
+        _state["uninterruptible"] = outer
+        if not outer and _state["interrupt_pending"]:
+            _state["interrupt_pending"] = False
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -129,6 +166,102 @@ def seconds_left() -> float | None:
 
 
 def stop_requested() -> bool:
-    """True once SIGTERM arrived inside ``stop_on_sigterm``, or once the ``deadline`` in force has passed."""
+    """True once SIGTERM or Ctrl-C arrived inside ``stop_on_signals``, or once the ``deadline`` in force has passed."""
     left = seconds_left()
     return _state["stop_requested"] or (left is not None and left <= 0)
+
+
+# ----------------------------------------------------------------------------- stall watchdog
+
+EXIT_STALLED = 75  # EX_TEMPFAIL: a process the watchdog ended; run it again (`mesacli reproduce run` does)
+STALL_ENV = "MESACLI_STALL_SECONDS"  # the allowed silence after the first step; 0 turns the watchdog off
+STALL_FIRST_ENV = "MESACLI_STALL_FIRST_SECONDS"  # the allowed time of the first step (compilation included)
+
+
+def stall_limits(environ=os.environ) -> tuple[float, float] | None:
+    """(first, floor) seconds from MESACLI_STALL_FIRST_SECONDS (default 3600) and MESACLI_STALL_SECONDS (default
+    900), or None if the watchdog is off (MESACLI_STALL_SECONDS=0).  ValueError for a value that is no number."""
+    try:
+        floor = float(environ.get(STALL_ENV, "900"))
+        first = float(environ.get(STALL_FIRST_ENV, "3600"))
+    except ValueError:
+        raise ValueError(f"{STALL_ENV} and {STALL_FIRST_ENV} must be numbers of seconds "
+                         f"(got {environ.get(STALL_ENV)!r}, {environ.get(STALL_FIRST_ENV)!r})") from None
+    return None if floor <= 0 else (max(first, floor), floor)
+
+
+class StallWatchdog:
+    """Ends a process whose loop stopped making progress: XLA:CPU can deadlock in rare cases (a library kernel
+    re-entering the intra-op thread pool), leaving every thread in a futex wait forever.  ``beat()`` after every
+    step; a daemon thread checks that the silence since the last beat stays below ``first`` seconds before the
+    first beat, and below max(``floor``, ``factor`` x the slowest interval seen) after it.  Past that it writes
+    every thread's Python stack (faulthandler) and ``describe()`` to stderr and exits with EXIT_STALLED (no
+    cleanup: checkpoints are atomic, the last one stands), so that an unattended job restarts from it."""
+
+    def __init__(self, first: float, floor: float, describe, factor: float = 30.0, poll: float | None = None):
+        self.first, self.floor, self.factor, self.describe = first, floor, factor, describe
+        self.poll = poll if poll is not None else min(5.0, floor / 4)
+        self.last = time.monotonic()
+        self.slowest: float | None = None
+        self.beats = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="mesacli-stall-watchdog", daemon=True)
+
+    def allowed(self) -> float:
+        return self.first if self.slowest is None else max(self.floor, self.factor * self.slowest)
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if self.beats > 0:  # the first interval (compilation) does not count towards the slowest step
+            self.slowest = max(self.slowest or 0.0, now - self.last)
+        self.beats += 1
+        self.last = now
+
+    def __enter__(self):
+        self.last = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=self.poll + 1)
+
+    def _watch(self) -> None:
+        import faulthandler
+        import sys
+
+        while not self._stop.wait(self.poll):
+            silent, allowed = time.monotonic() - self.last, self.allowed()
+            if silent <= allowed:
+                continue
+            slowest = "" if self.slowest is None else f", the slowest step so far took {self.slowest:.1f} s"
+            sys.stderr.write(f"\nerror: no step finished in {silent:.0f} s (allowed {allowed:.0f} s{slowest}): the "
+                             f"process is stalled; {self.describe()}. Every thread's stack follows; exiting with "
+                             f"code {EXIT_STALLED} (set {STALL_ENV} to allow longer, 0 to turn this off)\n")
+            sys.stderr.flush()
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            sys.stderr.flush()
+            os._exit(EXIT_STALLED)
+
+
+@contextlib.contextmanager
+def stall_watchdog(describe):
+    """Within: a ``StallWatchdog`` with the limits of ``stall_limits()`` (yields it, or None when it is off)."""
+    limits = stall_limits()
+    if limits is None:
+        yield None
+        return
+    with StallWatchdog(*limits, describe=describe) as dog:
+        yield dog
+
+
+def die_with_parent(new_process_group: bool = False) -> None:
+    """In a child process (a ``preexec_fn``): be killed if the supervising parent dies (Linux prctl
+    PR_SET_PDEATHSIG), never orphaned; with ``new_process_group`` also leave the terminal's process group, so that
+    a Ctrl-C reaches the parent alone, which passes it on once."""
+    if new_process_group:
+        os.setpgrp()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass

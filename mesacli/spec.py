@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mesacli.errors import MesaError
-from mesacli.spec_loader import build_spec, choice, positive, read_spec_file
+from mesacli.spec_loader import adam_betas, build_spec, choice, non_negative, positive, read_spec_file
 
 TASK_KINDS = ("linear", "partial", "nonlinear", "contracting", "fixed_teacher")
 ATTENTION_KINDS = ("linear", "softmax", "mesa")
@@ -138,6 +138,17 @@ def load_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> Spec:
     return spec_from_dict(read_spec_file(path), overrides)
 
 
+def load_run_spec(path: str | Path) -> Spec:
+    """The spec.yaml of a synthetic-task run directory (``rundir.read_spec(run_dir, load_run_spec)``); a
+    language-model run directory is refused with the commands that do read it."""
+    data = read_spec_file(path)
+    if isinstance(data, dict) and "data" in data and "task" not in data:
+        run = Path(path).parent
+        raise MesaError(f"{run} is a language-model run directory (this command reads runs of `mesacli train`): "
+                        f"use `mesacli lm eval {run}` or `mesacli lm generate {run}`")
+    return spec_from_dict(data)
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -168,12 +179,17 @@ def validate(spec: Spec) -> None:
         ("train.eval_batches", train.eval_batches), ("train.eval_every", train.eval_every),
         ("train.log_every", train.log_every), ("train.checkpoint_every", train.checkpoint_every),
         ("train.keep_checkpoints", train.keep_checkpoints), ("train.seeds", train.seeds),
+        ("task.init_scale", task.init_scale), ("task.state_clip", task.state_clip),
     ]:
         positive(value, path)
     for path, value in [("task.state_noise", task.state_noise), ("task.obs_noise", task.obs_noise),
-                        ("train.weight_decay", train.weight_decay), ("train.warmup_steps", train.warmup_steps)]:
-        if value < 0:
-            raise MesaError(f"{path}: must be >= 0, got {value}")
+                        ("task.obs_matrix_std", task.obs_matrix_std), ("train.weight_decay", train.weight_decay),
+                        ("train.warmup_steps", train.warmup_steps), ("train.end_lr", train.end_lr)]:
+        non_negative(value, path)
+    adam_betas(train.b1, train.b2, train.eps)
+    if task.seq_len < 2:
+        raise MesaError(f"task.seq_len: must be at least 2, got {task.seq_len} (the loss is in-context prediction: "
+                        f"at t=1 there is no earlier observation to learn from, s_0 = 0)")
     if model.act_clip is not None:
         positive(model.act_clip, "model.act_clip")
     if train.grad_clip is not None:

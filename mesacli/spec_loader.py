@@ -2,14 +2,17 @@
 
 ``build_spec(cls, data, overrides, check)`` turns parsed YAML into a frozen dataclass ``cls``: an unknown key is
 an error with a did-you-mean hint, a value of the wrong type is an error, ``--set section.key=value`` overrides
-are parsed as YAML and applied first, and ``check`` rejects impossible combinations.  ``choice`` and ``positive``
-are the one-line validators the schemas share; ``spec_to_dict``/``spec_to_yaml``/``spec_diff`` go the other way.
+are parsed as YAML and applied first, and ``check`` rejects impossible combinations.  The YAML is read strictly
+too: a key given twice in one mapping, a recursive alias, a NaN and an empty spec file are errors.  ``choice``,
+``positive``, ``non_negative`` and ``adam_betas`` are the one-line validators the schemas share;
+``spec_to_dict``/``spec_to_yaml``/``spec_diff`` go the other way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -23,8 +26,28 @@ from mesacli.errors import MesaError
 # ----------------------------------------------------------------------------- YAML -> dataclass
 
 
+MAX_VALUES = 100_000  # values of a parsed document, aliases expanded (a spec has about a hundred)
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A key given twice in one mapping (YAML says keys are unique; PyYAML would keep the last silently)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-4 (no dot) as a float, as people write it."""
+    """SafeLoader that also reads 1e-4 (no dot) as a float, as people write it, and refuses duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:  # before the merge keys (<<: *defaults) are flattened in
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                if key in first_line:
+                    raise _DuplicateKey(None, None, f"duplicate key '{key}' (first given on line "
+                                                    f"{first_line[key] + 1})", key_node.start_mark)
+                first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -36,12 +59,42 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.load(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if isinstance(err, _DuplicateKey):
+            raise MesaError(f"{source}: {problem}, again on line {mark.line + 1}") from None
         raise MesaError(f"{source}: YAML syntax error{where}: {problem}") from None
+    _check_acyclic_and_small(data, source)
+    return data
+
+
+def _check_acyclic_and_small(data: Any, source: str) -> None:
+    """Refuse a recursive alias (``a: &x [*x]``: a list that contains itself) and documents whose aliases expand
+    to more than MAX_VALUES values, before anything walks them."""
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    count = 0
+    while stack:
+        node, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(node))
+            continue
+        if not isinstance(node, (dict, list)):
+            continue
+        if id(node) in on_path:
+            raise MesaError(f"{source}: a YAML alias is used inside its own anchor's value (e.g. `a: &x [*x]`), "
+                            f"which makes an endless value")
+        children = list(node.values()) if isinstance(node, dict) else node
+        count += len(children)
+        if count > MAX_VALUES:
+            raise MesaError(f"{source}: more than {MAX_VALUES:,} values once its aliases are expanded; "
+                            f"this is not a spec")
+        on_path.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in children)
 
 
 def _type_name(tp: Any) -> str:
@@ -71,6 +124,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MesaError(f"{path}: expected a number, got {value!r}")
+        if math.isnan(value):
             raise MesaError(f"{path}: expected a number, got {value!r}")
         return float(value)
     if tp is int:
@@ -155,15 +210,22 @@ def list_spec_files(directory: str | Path | None = None) -> tuple[Path, list[tup
 
 
 def read_spec_file(path: str | Path) -> Any:
-    """The parsed YAML of a spec file (MesaError if it is missing, unreadable or not YAML)."""
+    """The parsed YAML of a spec file (MesaError if it is missing, a directory, unreadable, empty or not YAML)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise MesaError(f"{path} is a directory, not a spec file (`mesacli specs {path}` lists the specs in it)")
+    if not path.exists():
         raise MesaError(f"spec file not found: {path}")
+    if not path.is_file():
+        raise MesaError(f"{path} is not a regular file")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise MesaError(f"cannot read spec file {path}: {err}") from None
-    return parse_yaml(text, str(path))
+    data = parse_yaml(text, str(path))
+    if data is None:
+        raise MesaError(f"spec file {path} is empty" + (" (only comments)" if text.strip() else ""))
+    return data
 
 
 def _deepcopy(data: Any) -> Any:
@@ -214,5 +276,18 @@ def choice(value: str, allowed: typing.Sequence[str], path: str) -> None:
 
 
 def positive(value: float, path: str) -> None:
-    if value <= 0:
-        raise MesaError(f"{path}: must be positive, got {value}")
+    if not 0 < value < math.inf:
+        raise MesaError(f"{path}: must be positive" + (" and finite" if value == math.inf else "") + f", got {value}")
+
+
+def non_negative(value: float, path: str) -> None:
+    if not 0 <= value < math.inf:
+        raise MesaError(f"{path}: must be >= 0" + (" and finite" if value == math.inf else "") + f", got {value}")
+
+
+def adam_betas(b1: float, b2: float, eps: float, section: str = "train") -> None:
+    """Adam's decay rates lie in [0, 1) (1 would never forget the first gradient); eps >= 0."""
+    for name, value in (("b1", b1), ("b2", b2)):
+        if not 0 <= value < 1:
+            raise MesaError(f"{section}.{name}: Adam's decay rate must lie in [0, 1), got {value}")
+    non_negative(eps, f"{section}.eps")

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mesacli import model, rundir
 from mesacli.sharding import make_mesh
-from mesacli.spec import Spec, TrainSpec, load_spec
+from mesacli.spec import Spec, TrainSpec, load_run_spec
 
 
 def make_schedule(train: TrainSpec) -> optax.Schedule:
@@ -68,6 +68,6 @@ def init_state(spec: Spec, mesh: Mesh) -> dict:
 
 def load_params(run_dir: str | Path, step: int | None = None) -> tuple[Spec, Any, int]:
     """(spec, params, step) of a synthetic-task run directory's latest (or given) checkpoint."""
-    spec, state = rundir.restore(run_dir, load_spec,
+    spec, state = rundir.restore(run_dir, load_run_spec,
                                  lambda spec: init_state(spec, make_mesh(replicas=spec.train.seeds)), step)
     return spec, state["params"], int(state["step"])

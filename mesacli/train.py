@@ -25,7 +25,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mesacli import loop, model, rundir, tasks
 from mesacli.checkpoint import dump_json
+from mesacli.errors import warn_stderr
 from mesacli.evaluate import make_evaluator
+from mesacli.memory import check_fits
 from mesacli.sharding import check_batch_divides, make_mesh
 from mesacli.spec import Spec, load_spec
 from mesacli.spec_loader import spec_to_dict
@@ -105,11 +107,13 @@ def train(
     progress: bool = True,
     devices: list | None = None,
     on_log: Callable[[int, float], None] | None = None,
+    warn: Callable[[str], None] = warn_stderr,
 ) -> TrainResult:
     """Train ``spec`` in ``run_dir``, resuming from its latest checkpoint if there is one.
 
     ``stop_at_step`` ends the session early (as an interruption would) after saving a checkpoint.
-    Raises TrainingDiverged on a non-finite loss, keeping the last good checkpoint.
+    Raises TrainingDiverged on a non-finite loss, keeping the last good checkpoint.  An unreadable newest
+    checkpoint is set aside with a ``warn``-ing and training resumes from the newest readable one.
     """
     from mesacli import plots  # matplotlib only when a run writes figures
     from mesacli.distributed import barrier, is_primary
@@ -127,10 +131,15 @@ def train(
         rundir.prepare(spec, run_dir, load_spec)  # checks the spec process 0 wrote
     ckpts = rundir.open_checkpoints(run_dir, spec)
     state = init_state(spec, mesh)
-    resumed_from = ckpts.latest_step()
-    if resumed_from is not None:
-        state = rundir.restore_state(spec, ckpts, state)
+    resumed, resumed_from = rundir.resume_state(spec, ckpts, state, warn), None
+    if resumed is not None:
+        state, resumed_from = resumed
     train_step = make_train_step(spec, mesh)
+    try:  # compiled once, here (the loop's first step reuses it), and refused if it cannot fit in memory
+        check_fits(train_step.lower(state).compile(), "a training step")
+    except BaseException:
+        ckpts.close()
+        raise
     stacked, seeds = spec.train.seeds > 1, rundir.replica_seeds(spec.train)
     evaluate_replicas = make_evaluator(spec, mesh, stacked=stacked)
 
@@ -150,7 +159,8 @@ def train(
                     step_fn=lambda state, step: train_step(state),
                     every=loop.Every(t.log_every, t.eval_every, t.checkpoint_every),
                     meta={"spec": spec_to_dict(spec), "mesacli": "0.1.0"}, seeds=seeds, description=spec.name,
-                    eval_record=eval_record, progress=progress and primary, write=primary, on_log=on_log)
+                    eval_record=eval_record, progress=progress and primary, write=primary, on_log=on_log,
+                    usable=lambda state: bool(np.isfinite(evaluate(state["params"])).all()))
     state = done.state
     curves = evaluate(state["params"])
     curve = curves.mean(axis=0)

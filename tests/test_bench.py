@@ -12,9 +12,19 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mesacli.bench import KERNELS, BenchConfig, _time_interleaved, kernel_functions, make_inputs, run_bench
+from mesacli import render
+from mesacli.bench import (
+    KERNELS,
+    BenchConfig,
+    _time_interleaved,
+    kernel_functions,
+    make_inputs,
+    make_mesanet_inputs,
+    run_bench,
+)
 from mesacli.cli import app
 from mesacli.mesa import mesa_sequential
+from mesacli.mesanet import mesanet_reference
 
 TINY = BenchConfig(batch=1, heads=1, seq_lens=(16, 40), d_head=8, chunk_size=8, repeats=1)
 runner = CliRunner()
@@ -60,6 +70,30 @@ def test_benchmarked_mesa_forms_compute_the_mesa_layer():
     expected = jax.jit(lambda *a: mesa_sequential(*a)[0])(*args)
     for name in ("mesa_sequential", "mesa_chunked"):
         np.testing.assert_allclose(jax.jit(kernel_functions(name, 8)[0])(*args), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mesanet_kernels_compute_mesanet_on_fla_inputs_and_report_cg_steps(tiny_result):
+    result, _ = tiny_result
+    rows = {(r["kernel"], r["T"]): r for r in result["rows"]}
+    for t in (16, 40):
+        cg, fixed = rows[("mesanet_cg", t)], rows[("mesanet_cg_fixed", t)]
+        assert 1 <= cg["cg_steps_mean"] <= cg["cg_steps_max"] <= 10 * TINY.d_head and cg["cg_residual_max"] < 1e-3
+        assert fixed["cg_steps_mean"] == fixed["cg_steps_max"] == 30
+        assert rows[("mesanet_exact", t)]["cg_steps_max"] is None and rows[("softmax", t)]["cg_steps_mean"] is None
+    assert [c.header for c in render.bench_table(result).columns][-3:] == ["CG steps\nmean / max", "CG max\nresidual",
+                                                                           "note"]
+    args, cot = make_mesanet_inputs(replace(TINY, heads=2), 20, jnp.float32)
+    q, k, v, log_gamma, beta, lam = (np.asarray(x) for x in args)
+    assert 0 <= q.min() and q.max() <= 0.1 and 0 <= v.min() and v.max() <= 0.1
+    np.testing.assert_allclose(np.linalg.norm(k, axis=-1), 1, rtol=1e-5)
+    assert 0.8 <= np.exp(log_gamma).min() and np.exp(log_gamma).max() <= 0.99 and 0 <= beta.min() <= beta.max() <= 1
+    assert lam.shape == (2, 8) and 0.25 <= lam.min() and lam.max() <= 1
+    expected = jax.jit(mesanet_reference)(*args)
+    for name, tol in (("mesanet_exact", 1e-4), ("mesanet_cg", 1e-3), ("mesanet_cg_fixed", 1e-3)):
+        forward, forward_backward = kernel_functions(name, 8)
+        np.testing.assert_allclose(jax.jit(forward)(*args), expected, rtol=tol, atol=tol * 0.1, err_msg=name)
+    grads = jax.jit(forward_backward)(*args, cot)  # with respect to every input
+    assert [g.shape for g in grads] == [x.shape for x in args]
 
 
 def test_memory_limit_skips_before_running(tiny_result):

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_sigterm_inside_the_context_only_raises_the_flag_and_the_old_handler_comes_back():
     before = signal.getsignal(signal.SIGTERM)
-    with runtime.stop_on_sigterm():
+    with runtime.stop_on_signals():
         assert not runtime.stop_requested()
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)  # the handler runs at the next bytecode boundary: the process is still alive

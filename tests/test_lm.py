@@ -76,10 +76,10 @@ def test_dpfp_features_match_their_definition():
 
 
 @pytest.mark.parametrize("layers, key_shift", [(("softmax", "linear", "dpfp", "mesa"), False),
-                                               (("mesa", "softmax"), True)])
+                                               (("mesa", "softmax"), True), (("mesanet", "mesa"), True)])
 def test_recurrent_decoding_equals_the_parallel_forward(layers, key_shift):
-    """decode_step token by token (key/value cache for softmax, constant-size states for linear, dpfp and mesa)
-    gives the parallel forward's logits at every position."""
+    """decode_step token by token (key/value cache for softmax, constant-size states for linear, dpfp, mesa and
+    mesanet) gives the parallel forward's logits at every position."""
     spec = lm_spec_from_dict(tiny(layers, key_shift=key_shift, mlp=True))
     params = random_params(spec)
     tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 20), 0, VOCAB)
@@ -90,13 +90,18 @@ def test_recurrent_decoding_equals_the_parallel_forward(layers, key_shift):
     for t in range(20):
         state, logits = step(state, tokens[:, t], jnp.int32(t))
         np.testing.assert_allclose(logits, parallel[:, t], rtol=2e-4, atol=2e-4)
-    # the mesa-layer's state is its constant-size (R, G), not a cache that grows with the sequence
+    # the mesa-layer's state is its constant-size (R, G), not a cache that grows with the sequence; mesanet's
+    # is (H, G) and the last 3 pre-convolution queries and keys
     mesa_index = layers.index("mesa")
     assert state.layers[mesa_index].r_BHDD.shape == (2, 2, 16, 16)
+    if "mesanet" in layers:
+        mesanet_state = state.layers[layers.index("mesanet")]
+        assert mesanet_state.op.h_BHDD.shape == (2, 2, 4, 4) and mesanet_state.q_conv_BKHD.shape == (2, 3, 2, 4)
 
 
-def test_the_model_is_causal_and_the_key_shift_looks_one_token_back():
-    spec = lm_spec_from_dict(tiny(("mesa", "dpfp"), key_shift=True))
+@pytest.mark.parametrize("first", ["mesa", "mesanet"])
+def test_the_model_is_causal_and_the_key_shift_looks_one_token_back(first):
+    spec = lm_spec_from_dict(tiny((first, "dpfp"), key_shift=True))
     params = random_params(spec)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (1, 24), 0, VOCAB)
     changed = tokens.at[0, 12].set((tokens[0, 12] + 1) % VOCAB)
@@ -108,12 +113,20 @@ def test_the_model_is_causal_and_the_key_shift_looks_one_token_back():
 
 def test_parameter_count_is_equal_across_layer_kinds():
     counts = {kind: model.count_params(model.init(jax.random.PRNGKey(0), lm_spec_from_dict(tiny(("softmax", kind))),
-                                                  VOCAB)) for kind in ("softmax", "linear", "dpfp", "mesa")}
+                                                  VOCAB)) for kind in ("softmax", "linear", "dpfp", "mesa", "mesanet")}
     assert counts["softmax"] == counts["linear"] == counts["dpfp"] == counts["mesa"] - 2  # + lambda per head
+    # mesanet has the same q, k, v, o projections and, on top (cannot be equalised): conv taps 2 K H D, gates
+    # 2 (E H + H), Lambda H D, RMSNorm scale D and the output gate W_g E H D; tiny: 64 + 68 + 8 + 4 + 128 = 272
+    e, h, d, taps = 16, 2, 4, 4
+    extra = 2 * taps * h * d + 2 * (e * h + h) + h * d + d + e * h * d
+    assert counts["mesanet"] == counts["softmax"] + extra
+    no_gate = lm_spec_from_dict(tiny(("softmax", "mesanet"), mesanet_output_gate=False))
+    assert model.count_params(model.init(jax.random.PRNGKey(0), no_gate, VOCAB)) == counts["mesanet"] - e * h * d
 
 
-def test_greedy_generation_follows_the_parallel_argmax():
-    spec = lm_spec_from_dict(tiny(("softmax", "mesa")))
+@pytest.mark.parametrize("layers", [("softmax", "mesa"), ("mesanet",)])
+def test_greedy_generation_follows_the_parallel_argmax(layers):
+    spec = lm_spec_from_dict(tiny(layers))
     params = random_params(spec, seed=4)
 
     class Ids:  # a stand-in tokenizer: text = the ids, comma-separated
@@ -165,6 +178,31 @@ def test_a_tiny_lm_learns_below_the_unigram_entropy_and_resumes(corpus_file, tmp
     assert spec_back == spec and step == 150
 
 
+def test_a_tiny_lm_with_a_mesanet_layer_trains_with_finite_gradients(corpus_file, tmp_path):
+    data = tiny(("mesanet", "softmax"), mesanet_chunk_size=8)
+    data["data"]["path"] = str(corpus_file)
+    data["train"].update(steps=40, batch_size=8, lr=1e-2, end_lr=1e-3, warmup_steps=4, eval_every=40,
+                         checkpoint_every=40, log_every=10)
+    spec = lm_spec_from_dict(data)
+    params = random_params(spec)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 33), 0, VOCAB)
+
+    def loss(p):
+        logits = model.apply(p, tokens[:, :-1], spec)[0]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1))
+
+    grads = jax.jit(jax.grad(loss))(params)["blocks"][0]
+    assert {"conv_q", "w_gamma", "b_beta", "lam_p", "norm_scale", "w_g"} <= set(grads)
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0, jax.tree_util.keystr(path)
+    result = train_lm(spec, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    # from ln 257 = 5.55 nats at step 0 (4.0 at step 10) down to about 2.9 at step 40
+    assert len(losses) == 4 and losses[-1] < losses[0] and losses[-1] < math.log(VOCAB) - 2, losses
+    assert result.evaluation.loss < math.log(VOCAB) - 2
+
+
 # ----------------------------------------------------------------------------- specs
 
 
@@ -185,7 +223,13 @@ def test_shipped_comparisons_have_equal_budgets_and_sizes():
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("model.layers=[softmax, flash]", "model.layers[1]: 'flash' is not one of softmax, linear, dpfp, mesa"),
+    ("model.layers=[softmax, flash]", "model.layers[1]: 'flash' is not one of softmax, linear, dpfp, mesa, mesanet"),
+    ("model.mesanet_solver=cholesky", "model.mesanet_solver: 'cholesky' is not one of exact, cg, cg_fixed"),
+    ("model.mesanet_cg_tol=0", "model.mesanet_cg_tol: must lie in (0, 1), got 0.0"),
+    ("model.mesanet_cg_tol=1", "model.mesanet_cg_tol: must lie in (0, 1)"),
+    ("model.mesanet_chunk_size=0", "model.mesanet_chunk_size: must be positive"),
+    ("model.mesanet_output_gate=1", "model.mesanet_output_gate: expected true or false"),
+    ("model.mesanet_solvr=cg", "did you mean 'model.mesanet_solver'?"),
     ("model.contxt=3", "unknown spec key 'model.contxt' (did you mean 'model.context'?)"),
     ("eval.icl_late=999", "eval.icl_early (4) < eval.icl_late (999) <= model.context (32)"),
     ("model.key_shift=true", "model.key_shift replaces the first softmax layer"),

@@ -78,10 +78,10 @@ def test_nested_sigterm_blocks_keep_a_stop_seen_by_the_outer_one():
 
     from mesacli import runtime
 
-    with runtime.stop_on_sigterm():
+    with runtime.stop_on_signals():
         os.kill(os.getpid(), signal.SIGTERM)
         assert runtime.stop_requested()
-        with runtime.stop_on_sigterm():  # the next loop starts: the request stands
+        with runtime.stop_on_signals():  # the next loop starts: the request stands
             assert runtime.stop_requested()
         assert runtime.stop_requested()
     assert not runtime.stop_requested()  # the outermost block ends: reset

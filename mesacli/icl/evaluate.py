@@ -9,6 +9,7 @@ with ``train.seeds > 1`` is evaluated replica by replica, each with its own tune
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from mesacli.icl.prompts import (
     sample_regression,
 )
 from mesacli.icl.tokens import check_tuned_on_step, load_tuned
-from mesacli.spec import Spec, load_spec
+from mesacli.spec import Spec, load_run_spec
 from mesacli.state import load_params
 
 PROMPT_KINDS = ("plain", "eos", "tuned")
@@ -79,11 +80,12 @@ def icl_eval(run_dir: str | Path, prompts: str = "plain", *, n_examples: int | N
     for value, what in [(seeds, "--seeds"), (batch, "--batch")]:
         if value < 1:
             raise MesaError(f"{what} must be at least 1, got {value}")
-    if lam <= 0:
+    if not 0 < lam < math.inf:
         raise MesaError(f"--lam must be positive (the early LSQ systems are singular without it), got {lam}")
     if x_dist not in X_DISTS:
         raise MesaError(f"--x-dist: '{x_dist}' is not one of {', '.join(X_DISTS)}")
-    n_s = check_task_hosts_prompt(rundir.read_spec(run_dir, load_spec).task)  # before any JAX work
+    n_s = check_task_hosts_prompt(rundir.read_spec(run_dir, load_run_spec).task)  # before any JAX work
+    rundir.check_writable(run_dir)
     spec, params, at_step = load_params(run_dir, step)
     members = rundir.replicas(spec, params)  # a run trained with train.seeds = S: every replica is evaluated
     seq_len = spec.task.seq_len

@@ -130,17 +130,20 @@ def sample_regression(key: jax.Array, n: int, n_examples: int, batch: int, x_dis
     key_x, key_w1, key_w2, key_noise = jax.random.split(key, 4)
     teacher_task = TaskSpec(kind="linear", state_dim=n, obs_dim=n)
 
-    def orthogonal(k):
-        return jax.vmap(lambda kk: tasks.sample_teacher(kk, teacher_task).w_HH)(jax.random.split(k, batch))
-
     if x_dist == "uniform":
         x = jax.random.uniform(key_x, (batch, n_examples, n), minval=-1.0, maxval=1.0)
     else:
         x = jax.random.normal(key_x, (batch, n_examples, n))
-    w1 = orthogonal(key_w1)
-    y = jnp.einsum("bij,bnj->bni", w1, x)
+    # Both teachers of the continual setting come from ONE batched QR (LAPACK) call: two independent ones run at
+    # once on XLA:CPU's intra-op pool, each blocks a worker waiting for its batch split on that same pool, and
+    # with two workers (a 2-core machine) nothing is left to run the split: a deadlock.  Each W* is unchanged.
+    keys = jax.random.split(key_w1, batch)
     if switch_at is not None:
-        y2 = jnp.einsum("bij,bnj->bni", orthogonal(key_w2), x)
+        keys = jnp.concatenate([keys, jax.random.split(key_w2, batch)])
+    w = jax.vmap(lambda kk: tasks.sample_teacher(kk, teacher_task).w_HH)(keys)
+    y = jnp.einsum("bij,bnj->bni", w[:batch], x)
+    if switch_at is not None:
+        y2 = jnp.einsum("bij,bnj->bni", w[batch:], x)
         y = jnp.where((jnp.arange(n_examples) < switch_at)[None, :, None], y, y2)
     return x, y + LABEL_NOISE * jax.random.normal(key_noise, y.shape)
 

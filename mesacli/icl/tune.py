@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +27,7 @@ import optax
 
 from mesacli import loop, rundir
 from mesacli.checkpoint import Checkpoints
-from mesacli.errors import MesaError
+from mesacli.errors import MesaError, warn_stderr
 from mesacli.icl.prompts import (
     X_DISTS,
     PromptLayout,
@@ -38,7 +39,8 @@ from mesacli.icl.prompts import (
     sample_regression,
 )
 from mesacli.icl.tokens import LOSS_FILE, STAGES, checkpoint_meta, checkpoints_dir, load_tuned, stage_dir, tuning_state
-from mesacli.spec import load_spec
+from mesacli.memory import check_fits
+from mesacli.spec import load_run_spec
 from mesacli.state import load_params
 
 
@@ -59,8 +61,8 @@ class TuneConfig:
         for name in ("steps", "batch", "prefix_len", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise MesaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise MesaError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise MesaError(f"--lr must be a positive number, got {self.lr}")
         if self.micro_batch is not None and (self.micro_batch < 1 or self.batch % self.micro_batch):
             raise MesaError(f"--micro-batch ({self.micro_batch}) must be a positive divisor of --batch ({self.batch})")
         if self.x_dist not in X_DISTS:
@@ -117,10 +119,18 @@ def make_tune_step(spec, layout: PromptLayout, stage: str, lr: float, batch: int
 
 def _resume(ckpts: Checkpoints, state: dict, stage: str, cfg: TuneConfig, *, n_s: int, at_step: int,
             frozen_eos, directory: Path, run_dir: Path, replica: int | None) -> dict:
-    """The stage's latest checkpoint, if it was tuned with the same settings, on the same model checkpoint and
-    (prefix) with the current EOS; else MesaError (``ckpts`` closed)."""
-    step = ckpts.latest_step()
-    stored = ckpts.restore_meta(step)
+    """The stage's newest readable checkpoint (newer unreadable ones set aside with a warning), if it was tuned
+    with the same settings, on the same model checkpoint and (prefix) with the current EOS; else MesaError
+    (``ckpts`` closed)."""
+    found = ckpts.newest_readable(lambda meta: state)
+    if found is None:
+        ckpts.close()
+        raise MesaError(f"no checkpoint in {ckpts.directory} is readable; delete {directory} to tune afresh")
+    step, restored, stored = found
+    for bad in [s for s in ckpts.all_steps() if s > step]:
+        moved = ckpts.set_aside(bad)
+        warn_stderr(f"warning: checkpoint step {bad} in {ckpts.directory} is corrupted or unreadable; moved to "
+                    f"{moved.name}, resuming from step {step}")
     old = TuneConfig(**stored["config"]).identity(stage)
     if old != cfg.identity(stage) or stored.get("model_step") != at_step or stored.get("n_s") != n_s:
         ckpts.close()
@@ -130,7 +140,7 @@ def _resume(ckpts: Checkpoints, state: dict, stage: str, cfg: TuneConfig, *, n_s
         diff = ", ".join(f"{k}: {a} -> {b}" for k, a, b in changed) or f"n_s: {stored.get('n_s')} -> {n_s}"
         raise MesaError(f"{directory} was tuned with other settings ({diff}); "
                         f"use the same options or delete {directory} to start over")
-    state, _ = ckpts.restore(state, step)
+    state = restored
     if stage == "prefix" and not np.array_equal(np.asarray(state["eos"]), np.asarray(frozen_eos)):
         ckpts.close()  # the EOS was re-tuned since: resuming would go on with the old EOS frozen
         raise MesaError(f"{directory} was tuned with an EOS that {stage_dir(run_dir, 'eos', replica)} no longer "
@@ -153,7 +163,8 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
         raise MesaError(f"unknown prompt-tune stage '{stage}' (one of {', '.join(STAGES)})")
     cfg.validate()
     run_dir = Path(run_dir)
-    run_spec = rundir.read_spec(run_dir, load_spec)
+    run_spec = rundir.read_spec(run_dir, load_run_spec)
+    rundir.check_writable(run_dir / rundir.TUNE_DIR)
     if loaded is None:
         _check_single_model(run_spec, run_dir)
     n_s = check_task_hosts_prompt(run_spec.task)
@@ -181,9 +192,17 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
     if resumed_from is not None:
         state = _resume(ckpts, state, stage, cfg, n_s=n_s, at_step=at_step, frozen_eos=frozen_eos,
                         directory=directory, run_dir=run_dir, replica=replica)
+        resumed_from = int(state["step"])
     # placed like the (restored, mesh-replicated) params, so the step's outputs have its inputs' types and the
     # second call does not retrace and recompile the whole frozen model
     state = jax.device_put(state, jax.tree_util.tree_leaves(params)[0].sharding)
+    try:  # the step compiled once, here (the loop's first step reuses it), and refused if it cannot fit
+        if hasattr(step_fn, "lower"):  # a jitted step (not a wrapper around one)
+            check_fits(step_fn.lower(state, params).compile(), f"a prompt-tuning step ({stage})",
+                       hint="use a smaller --batch or set --micro-batch")
+    except BaseException:
+        ckpts.close()
+        raise
     start = int(state["step"])
     end = cfg.steps if stop_at_step is None else min(stop_at_step, cfg.steps)
 
@@ -209,7 +228,9 @@ def tune_stage(run_dir: str | Path, stage: str, cfg: TuneConfig, *, progress: bo
     done = loop.run(state, ckpts=ckpts, run_dir=directory, log_path=directory / LOSS_FILE, end=end,
                     total=cfg.steps, step_fn=tune_step, every=loop.Every(cfg.log_every, None, cfg.checkpoint_every),
                     meta=meta, seeds=[cfg.seed], description=f"prompt-tune {stage}", progress=progress,
-                    loss_label="label loss", hint="try a smaller --lr")
+                    loss_label="label loss", hint="try a smaller --lr",
+                    usable=None if eval_loss is None else
+                    lambda state: bool(np.isfinite(eval_loss(state["tokens"], state.get("eos")))))
     state = done.state
     after = eval_loss(state["tokens"], state.get("eos")) if eval_loss else None
     rows = [json.loads(line) for line in (directory / LOSS_FILE).read_text().splitlines() if line.strip()] \
@@ -239,7 +260,7 @@ def prompt_tune(run_dir: str | Path, what: str, cfg: TuneConfig, *, progress: bo
     cfg.validate()
     stages = ["eos", "prefix"] if what == "both" else [what]
     run_dir = Path(run_dir)
-    task = rundir.read_spec(run_dir, load_spec).task
+    task = rundir.read_spec(run_dir, load_run_spec).task
     check_task_hosts_prompt(task)
     for stage in stages:  # a context too short for the prompt fails before any JAX work
         make_layout(task.seq_len, cfg.n_examples, True, cfg.prefix_len if stage == "prefix" else 0)

@@ -11,6 +11,7 @@ Files are read in pieces, never whole.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import gzip
@@ -223,6 +224,10 @@ def prepare_corpus(spec: DataSpec, cache_dir: Path, progress: Callable[[str], No
     fingerprint = _fingerprint(spec, files, tokenizer)
     cache_dir = Path(cache_dir)
     meta_path = cache_dir / "meta.json"
+    blocker = next((p for p in (cache_dir, *cache_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise MesaError(f"cannot write the token cache in {cache_dir} (data.cache_dir): {blocker} is a file, "
+                        f"not a directory")
     if (meta := _cached(cache_dir, fingerprint)) is not None:
         return _open(cache_dir, meta, tokenizer)
     if all(f["size"] == 0 for f in fingerprint["files"]):
@@ -252,7 +257,8 @@ def prepare_corpus(spec: DataSpec, cache_dir: Path, progress: Callable[[str], No
         raise MesaError(f"cannot write the token cache in {cache_dir}: {err.strerror or err}") from None
     finally:
         for path in tmp.values():
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # never mask the error above with one about a leftover
+                path.unlink(missing_ok=True)
     return _open(cache_dir, meta, tokenizer)
 
 

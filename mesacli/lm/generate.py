@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,11 +18,12 @@ from mesacli.lm.spec import LMSpec
 def generate(params, spec: LMSpec, tokenizer: lm_data.Tokenizer, prompt: str, *, max_new_tokens: int = 200,
              temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> str:
     """Sample a continuation of ``prompt`` token by token with the recurrent forms (``model.decode_step``):
-    constant memory per linear/dpfp/mesa layer, a key/value cache per softmax layer.  temperature 0 = greedy."""
+    constant memory per linear/dpfp/mesa/mesanet layer, a key/value cache per softmax layer.  temperature 0 =
+    greedy."""
     if max_new_tokens < 1:
         raise MesaError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise MesaError(f"--temperature must be >= 0, got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise MesaError(f"--temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise MesaError(f"--top-k must be >= 1, got {top_k}")
     prompt_ids = tokenizer.encode(prompt.encode("utf-8"))

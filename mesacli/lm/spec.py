@@ -9,14 +9,16 @@ with a did-you-mean hint, wrong types, impossible combinations) and the same ``-
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from pathlib import Path
 from typing import Any
 
 from mesacli.errors import MesaError
-from mesacli.spec_loader import build_spec, choice, positive, read_spec_file
+from mesacli.spec_loader import adam_betas, build_spec, choice, non_negative, positive, read_spec_file
 
-LM_LAYER_KINDS = ("softmax", "linear", "dpfp", "mesa")
+LM_LAYER_KINDS = ("softmax", "linear", "dpfp", "mesa", "mesanet")
+MESANET_SOLVERS = ("exact", "cg", "cg_fixed")  # = mesacli.mesanet.SOLVERS (not imported: no jax at spec loading)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +26,7 @@ class DataSpec:
     """Local text only (never downloaded): ``path`` is a file, a directory (every file below it, sorted) or
     a glob; None = the embedded default corpus.  Files are documents, separated by an EOS token."""
 
-    path: str | None = None
+    path: str | None = None  # a relative path is from the current directory (stored absolute in the run's spec)
     tokenizer: str = "bytes"  # bytes (vocabulary 256 + EOS) or a local tokenizer.json (needs `tokenizers`)
     val_fraction: float = 0.1  # share of the split blocks that go to validation
     split_block: int = 4096  # tokens per block of the deterministic train/validation split
@@ -37,7 +39,7 @@ class LMModelSpec:
     """GPT-2 blocks: x <- x + attn(LN(x)); x <- x + MLP(LN(x)) (if ``mlp``); tokens embedded, sinusoidal PE
     added, embedding dropout, final LayerNorm, output projection to logits."""
 
-    layers: tuple[str, ...] = ("softmax", "mesa")  # attention kind of each block: softmax | linear | dpfp | mesa
+    layers: tuple[str, ...] = ("softmax", "mesa")  # kind of each block: softmax | linear | dpfp | mesa | mesanet
     context: int = 256  # tokens per training window
     embed_dim: int = 128
     num_heads: int = 4
@@ -48,6 +50,11 @@ class LMModelSpec:
     key_shift: bool = False  # block 1's keys come from the previous token (the hard-coded one-step key-shift)
     mesa_lambda_init: float = 1.0
     mesa_chunk_size: int = 64
+    # mesanet blocks (mesacli/lm/mesanet_block.py); recurrent decoding always solves exactly
+    mesanet_solver: str = "exact"  # exact (chunked Cholesky) | cg (to mesanet_cg_tol) | cg_fixed (30 CG steps)
+    mesanet_chunk_size: int = 64
+    mesanet_cg_tol: float = 1e-4  # solver cg: stop at ||r|| <= tol ||q||, in (0, 1)
+    mesanet_output_gate: bool = True  # y = W_o [RMSNorm(o) * SiLU(W_g x)]; false: W_o RMSNorm(o)
     dropout: float = 0.1  # embedding dropout
     init_std: float = 0.02  # N(0, init_std^2); weights feeding the residual stream scaled by 1/sqrt(2 * layers)
 
@@ -109,6 +116,7 @@ def validate_lm(spec: LMSpec) -> None:
         ("data.split_block", d.split_block), ("model.context", m.context), ("model.embed_dim", m.embed_dim),
         ("model.num_heads", m.num_heads), ("model.key_size", m.key_size), ("model.mlp_ratio", m.mlp_ratio),
         ("model.mesa_lambda_init", m.mesa_lambda_init), ("model.mesa_chunk_size", m.mesa_chunk_size),
+        ("model.mesanet_chunk_size", m.mesanet_chunk_size),
         ("model.init_std", m.init_std), ("train.steps", t.steps), ("train.batch_size", t.batch_size),
         ("train.lr", t.lr), ("train.grad_clip", t.grad_clip), ("train.log_every", t.log_every),
         ("train.eval_every", t.eval_every), ("train.checkpoint_every", t.checkpoint_every),
@@ -118,14 +126,18 @@ def validate_lm(spec: LMSpec) -> None:
         positive(value, path)
     for path, value in [("model.dpfp_nu", m.dpfp_nu), ("train.warmup_steps", t.warmup_steps),
                         ("train.weight_decay", t.weight_decay), ("train.end_lr", t.end_lr)]:
-        if value < 0:
-            raise MesaError(f"{path}: must be >= 0, got {value}")
+        non_negative(value, path)
+    adam_betas(t.b1, t.b2, t.eps)
+    choice(m.mesanet_solver, MESANET_SOLVERS, "model.mesanet_solver")
+    if not 0 < m.mesanet_cg_tol < 1:
+        raise MesaError(f"model.mesanet_cg_tol: must lie in (0, 1), got {m.mesanet_cg_tol}")
     if not 0 <= m.dropout < 1:
         raise MesaError(f"model.dropout: must lie in [0, 1), got {m.dropout}")
     if m.embed_dim % 2:
         raise MesaError(f"model.embed_dim ({m.embed_dim}) must be even (sinusoidal position encodings)")
     if m.key_shift and m.layers[0] == "softmax":
-        raise MesaError("model.key_shift replaces the first softmax layer: block 1 must be linear, dpfp or mesa")
+        raise MesaError("model.key_shift replaces the first softmax layer: block 1 must be linear, dpfp, mesa or "
+                        "mesanet")
     if t.warmup_steps >= t.steps:
         raise MesaError(f"train.warmup_steps ({t.warmup_steps}) must be smaller than train.steps ({t.steps})")
     if not e.icl_early < e.icl_late <= m.context:
@@ -133,11 +145,37 @@ def validate_lm(spec: LMSpec) -> None:
                         f"({m.context}) is required")
 
 
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+
+def absolute_data_paths(spec: LMSpec) -> LMSpec:
+    """``spec`` with data.path, data.cache_dir and a tokenizer.json path made absolute (relative ones are meant
+    from the current directory), so that the run directory's spec.yaml names the same files from anywhere
+    (`mesacli lm eval RUN` run from another directory)."""
+    d = spec.data
+    tokenizer = d.tokenizer if d.tokenizer == "bytes" else _absolute(d.tokenizer)
+    data = dataclasses.replace(d, path=_absolute(d.path), cache_dir=_absolute(d.cache_dir), tokenizer=tokenizer)
+    return spec if data == d else dataclasses.replace(spec, data=data)
+
+
 def lm_spec_from_dict(data: Any, overrides: typing.Sequence[str] = ()) -> LMSpec:
+    """The spec of parsed YAML (``--set`` overrides applied), its data paths made absolute."""
     if isinstance(data, dict) and "task" in data:
         raise MesaError("this is a synthetic-task spec (it has a 'task' section): run it with `mesacli train`")
-    return build_spec(LMSpec, data, overrides, validate_lm)
+    return absolute_data_paths(build_spec(LMSpec, data, overrides, validate_lm))
 
 
 def load_lm_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> LMSpec:
     return lm_spec_from_dict(read_spec_file(path), overrides)
+
+
+def load_lm_run_spec(path: str | Path) -> LMSpec:
+    """The spec.yaml of a language-model run directory (``rundir.read_spec(run_dir, load_lm_run_spec)``); a
+    synthetic-task run directory is refused with the commands that do read it."""
+    data = read_spec_file(path)
+    if isinstance(data, dict) and "task" in data:
+        run = Path(path).parent
+        raise MesaError(f"{run} is a synthetic-task run directory (this command reads runs of `mesacli lm`): "
+                        f"use `mesacli eval {run}`")
+    return lm_spec_from_dict(data)

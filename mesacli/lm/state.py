@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mesacli import rundir
 from mesacli.lm import data as lm_data
 from mesacli.lm import model
-from mesacli.lm.spec import LMSpec, LMTrainSpec, load_lm_spec
+from mesacli.lm.spec import LMSpec, LMTrainSpec, load_lm_run_spec
 from mesacli.sharding import make_mesh
 
 
@@ -44,8 +44,8 @@ def init_state(spec: LMSpec, vocab_size: int, mesh) -> dict:
 
 def load_lm(run_dir: str | Path, step: int | None = None) -> tuple[LMSpec, Any, int, lm_data.Tokenizer]:
     """(spec, params, step, tokenizer) of a language-model run directory's latest (or given) checkpoint."""
-    spec = rundir.read_spec(run_dir, load_lm_spec)
+    spec = rundir.read_spec(run_dir, load_lm_run_spec)
     tokenizer = lm_data.load_tokenizer(spec.data.tokenizer)
-    spec, state = rundir.restore(run_dir, load_lm_spec,
+    spec, state = rundir.restore(run_dir, load_lm_run_spec,
                                  lambda spec: init_state(spec, tokenizer.vocab_size, make_mesh()), step)
     return spec, state["params"], int(state["step"]), tokenizer

@@ -22,12 +22,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mesacli import loop, rundir
 from mesacli.checkpoint import dump_json
-from mesacli.errors import MesaError
+from mesacli.errors import MesaError, warn_stderr
 from mesacli.lm import data as lm_data
 from mesacli.lm import model
 from mesacli.lm.evaluate import Evaluation, make_evaluator, result_row, token_losses, tokens_seen
 from mesacli.lm.spec import LMSpec, lm_spec_from_dict, load_lm_spec
 from mesacli.lm.state import init_state, make_optimizer, make_schedule
+from mesacli.memory import check_fits
 from mesacli.sharding import check_batch_divides, make_mesh
 from mesacli.spec_loader import read_spec_file, spec_to_dict
 
@@ -88,10 +89,18 @@ def train_lm(spec: LMSpec, run_dir: str | Path, *, progress: bool = True, stop_a
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     ckpts = rundir.open_checkpoints(run_dir, spec)
     state = init_state(spec, corpus.tokenizer.vocab_size, mesh)
-    resumed_from = ckpts.latest_step()
-    if resumed_from is not None:
-        state = rundir.restore_state(spec, ckpts, state)
+    resumed, resumed_from = rundir.resume_state(spec, ckpts, state, say or warn_stderr), None
+    if resumed is not None:
+        state, resumed_from = resumed
     train_step = make_train_step(spec, mesh)
+    windows_like = jax.ShapeDtypeStruct((spec.train.batch_size, spec.model.context + 1), jnp.int32,
+                                        sharding=batch_sharding)  # as step_fn's, so the first step reuses it
+    try:
+        check_fits(train_step.lower(state, windows_like).compile(), "a training step",
+                   hint="reduce model.context or train.batch_size")
+    except BaseException:
+        ckpts.close()
+        raise
     evaluate, last = make_evaluator(spec, corpus.val), {}
 
     def evaluated(state, step: int) -> Evaluation:
@@ -114,7 +123,7 @@ def train_lm(spec: LMSpec, run_dir: str | Path, *, progress: bool = True, stop_a
                     meta={"spec": spec_to_dict(spec), "mesacli": "0.1.0", "vocab_size": corpus.tokenizer.vocab_size},
                     seeds=[t.seed], description=spec.name,
                     eval_record=lambda state, step: {"step": step, **evaluated(state, step).record()},
-                    progress=progress)
+                    progress=progress, usable=lambda state: bool(np.isfinite(evaluate(state["params"]).loss)))
     state = done.state
     final_step = int(state["step"])
     final = evaluated(state, final_step)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,7 +35,7 @@ def parse_analyses(names: Sequence[str] | None) -> list[str]:
     """Validate analysis names (comma-separated values allowed); default: all, in the standard order."""
     if not names:
         return list(ANALYSES)
-    chosen = []
+    chosen: list[str] = []
     for raw in names:
         for name in (x.strip() for x in raw.split(",")):
             if not name:
@@ -45,7 +46,29 @@ def parse_analyses(names: Sequence[str] | None) -> list[str]:
                 raise MesaError(f"unknown analysis '{name}'{hint}; choose from {', '.join(ANALYSES)}")
             if name not in chosen:
                 chosen.append(name)
+    if not chosen:
+        raise MesaError(f"--analysis {','.join(names)!r} names no analysis; choose from {', '.join(ANALYSES)}")
     return [name for name in ANALYSES if name in chosen]
+
+
+# option -> (smallest allowed value, what it is); checked before any work, whichever analyses run
+_STEP_OPTIONS = {"prop2_train_steps": (0, "--prop2-steps"), "prop2_k": (0, "--prop2-k"),
+                 "gd1_phi0_steps": (0, "--gd1-phi0-steps"), "distil_steps": (1, "--distil-steps"),
+                 "interpolation_steps": (0, "--interpolation-steps"), "attention_sequences": (1, "attention_sequences")}
+_RATE_OPTIONS = {"distil_lr": "--distil-lr", "prop2_lr": "prop2_lr", "probe_lambda": "probe_lambda"}
+PRECOND_METHODS = ("auto", "exact", "chebyshev")
+
+
+def check_options(options: dict) -> None:
+    """MesaError for an analysis option out of range (a negative step count, a learning rate <= 0, ...)."""
+    for key, (least, flag) in _STEP_OPTIONS.items():
+        if key in options and (not isinstance(options[key], int) or options[key] < least):
+            raise MesaError(f"{flag} must be an integer >= {least}, got {options[key]!r}")
+    for key, flag in _RATE_OPTIONS.items():
+        if key in options and not 0 < options[key] < math.inf:
+            raise MesaError(f"{flag} must be a positive number, got {options[key]!r}")
+    if options.get("precond", "auto") not in PRECOND_METHODS:
+        raise MesaError(f"--precond must be auto, exact or chebyshev, got {options['precond']!r}")
 
 
 def run_probe(
@@ -68,17 +91,19 @@ def run_probe(
     from mesacli.checkpoint import dump_json
     from mesacli.probe import summary
     from mesacli.probe.common import RunContext
-    from mesacli.spec import load_spec
+    from mesacli.spec import load_run_spec
     from mesacli.state import load_params
     explicit = bool(analyses)
     names = parse_analyses(analyses)
+    check_options(dict(options or {}))
     if seeds < 1:
         raise MesaError(f"--seeds must be at least 1, got {seeds}")
     if batch_size < 2:
         raise MesaError(f"--batch-size must be at least 2, got {batch_size}")
     t0 = time.time()
     run_dir = Path(run_dir)
-    spec = rundir.read_spec(run_dir, load_spec)
+    spec = rundir.read_spec(run_dir, load_run_spec)
+    rundir.check_writable(run_dir / rundir.PROBE_DIR)
     modules = {name: registry.module(name) for name in names}
     skipped = {}
     for name in list(names):  # fail fast, before any long computation, if an analysis does not apply
@@ -121,4 +146,4 @@ def run_probe(
                        per_replica if len(members) > 1 else {})
 
 
-__all__ = ["ANALYSES", "ProbeResult", "headline", "parse_analyses", "run_probe"]
+__all__ = ["ANALYSES", "ProbeResult", "check_options", "headline", "parse_analyses", "run_probe"]

@@ -108,7 +108,7 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
         rest = runtime.seconds_left()
         return "budget" if rest is not None and rest <= 0 else "SIGTERM"
 
-    with runtime.stop_on_sigterm(), runtime.deadline(budget_s):
+    with runtime.stop_on_signals(), runtime.deadline(budget_s):
         for n, name in enumerate(names, 1):
             if (stopped := must_stop()) is not None:
                 break
@@ -148,3 +148,34 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
             if stopped:
                 break
     return RunReport(stages, stopped, time.time() - t0, names)
+
+
+def run_with_restarts(command_for: Callable[[float | None], list[str]], budget_s: float | None, restarts: int,
+                      say: Callable[[str], None] = print) -> int:
+    """Run ``command_for(seconds left of the budget)`` (an argv) as a child process, again after each stalled exit
+    (``runtime.EXIT_STALLED``: the stall watchdog ended a deadlocked step; the run resumes from its last
+    checkpoint), at most ``restarts`` times; returns the child's last exit code.  SIGTERM and Ctrl-C are passed
+    on to the child once (it has its own process group, so a terminal's Ctrl-C does not reach it twice)."""
+    import signal
+    import subprocess
+
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    returncode = 0
+    for attempt in range(restarts + 1):
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        child = subprocess.Popen(command_for(left), preexec_fn=lambda: runtime.die_with_parent(True))
+        forward = {sig: signal.signal(sig, lambda signum, frame, child=child: child.send_signal(signum))
+                   for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            returncode = child.wait()
+        finally:
+            for sig, previous in forward.items():
+                signal.signal(sig, previous)
+        if returncode != runtime.EXIT_STALLED:
+            return returncode
+        if attempt < restarts:
+            say(f"the run stalled (exit code {returncode}); restarting it from its last checkpoint "
+                f"({attempt + 1} of {restarts} restarts)")
+    return returncode
