@@ -46,3 +46,21 @@ def tiny_spec_file(tmp_path):
         return path
 
     return write
+
+
+def invoke(*args):
+    """The CLI in this process (typer's CliRunner), arguments stringified."""
+    from typer.testing import CliRunner
+
+    from mesacli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment, code=2):
+    """A user mistake: exit ``code``, no traceback, exactly one line, ``error: ...`` containing ``fragment``."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert fragment in lines[0], lines[0]

@@ -12,26 +12,10 @@ import types
 import numpy as np
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from mesacli import memory
-from mesacli.cli import app
 from mesacli.errors import MesaError
-from tests.conftest import TINY, merge
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, fragment, code=2):
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert fragment in lines[0], lines[0]
+from tests.conftest import TINY, assert_one_line_error, invoke, merge
 
 
 def assert_ends_with_one_error(result, fragment):

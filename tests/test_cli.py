@@ -6,23 +6,8 @@ import json
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from mesacli.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, fragment, code=2):
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert fragment in lines[0], lines[0]
+from tests.conftest import assert_one_line_error, invoke
 
 
 def test_train_then_eval_then_resume_is_a_no_op(tiny_spec_file, tmp_path):
