@@ -5,7 +5,7 @@ checkpoint (the run resumes from the one before); divergence (the checkpoint kep
 (the watchdog ends the process with a stack dump and exit code 75).
 
 The default suite injects every fault once into `train` (the loop, the run directory and the checkpoints are
-shared by the three) and Ctrl-C at a random moment into `lm` and `prompt-tune`; `make test-faults` (marker
+shared by the three); `make test-faults` (marker
 ``faults``) runs every fault on every job and repeats the random-moment signals MESACLI_FAULT_ROUNDS times
 (default 3) for each job and signal."""
 
@@ -192,6 +192,7 @@ def test_train_survives_ctrl_c_kill_9_and_sigterm_at_random_moments(tmp_path, tr
     check_faults_then_resume("train", ["SIGINT", "SIGKILL", "SIGTERM"], tmp_path, trained_model, seed=0)
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("name", ["lm", "prompt-tune"])
 def test_lm_and_prompt_tune_survive_ctrl_c_at_a_random_moment(name, tmp_path, trained_model):
     check_faults_then_resume(name, ["SIGINT"], tmp_path, trained_model, seed=1)

@@ -317,6 +317,7 @@ def test_a_non_finite_tuning_loss_stops_with_the_last_checkpoint_kept(tiny_run, 
     assert load_tuned(run, N_S)["eos_step"] == 2
 
 
+@pytest.mark.slow
 def test_a_prefix_tuned_with_an_older_eos_is_not_resumed(tiny_run, tmp_path):
     """Resuming the prefix stage after the EOS was tuned further would go on with the old EOS: an error."""
     run = tmp_path / "run"
@@ -388,6 +389,7 @@ def test_cli_bad_inputs_give_one_error_line(tiny_run, tmp_path):
                                         "--no-progress"]), "no tuned EOS")
 
 
+@pytest.mark.slow
 def test_tokens_tuned_on_another_model_checkpoint_are_refused(tmp_path):
     """A run trained on after prompt-tuning: icl-eval of the newer checkpoint refuses the stale tokens (one line),
     evaluates the checkpoint they were tuned on, and prompt-tune names the step change."""

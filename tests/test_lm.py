@@ -178,6 +178,7 @@ def test_a_tiny_lm_learns_below_the_unigram_entropy_and_resumes(corpus_file, tmp
     assert spec_back == spec and step == 150
 
 
+@pytest.mark.slow
 def test_a_tiny_lm_with_a_mesanet_layer_trains_with_finite_gradients(corpus_file, tmp_path):
     data = tiny(("mesanet", "softmax"), mesanet_chunk_size=8)
     data["data"]["path"] = str(corpus_file)

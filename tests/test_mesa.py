@@ -48,8 +48,8 @@ f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)  # noqa: E731
     "t, d, lam, chunk, key_scale",
     [
         (4096, 16, 0.01, 64, 1.0),  # long sequence, strong regularisation
-        (1000, 64, 10.0, 48, 1.0),  # weak regularisation, T not a multiple of C
-        (515, 128, 1.0, 64, 1.0),  # wide heads
+        pytest.param(1000, 64, 10.0, 48, 1.0, marks=pytest.mark.slow),  # weak regularisation, T % C != 0
+        pytest.param(515, 128, 1.0, 64, 1.0, marks=pytest.mark.slow),  # wide heads
         pytest.param(300, 128, 10.0, 32, 128**-0.5, marks=pytest.mark.slow),  # wide heads, weak reg., unit keys
     ],
 )
@@ -63,7 +63,8 @@ def test_chunked_matches_direct_solve(t, d, lam, chunk, key_scale):
 
 @pytest.mark.parametrize(
     "chunk, gamma_low",
-    [(1, None), (7, None), (100, None), (1, 0.8), (7, 0.8), (16, 0.8), (64, 0.95)],
+    [(1, None), (7, None), pytest.param(100, None, marks=pytest.mark.slow), (1, 0.8), (7, 0.8), (16, 0.8),
+     (64, 0.95)],
 )
 def test_all_forms_agree_with_direct_solve(chunk, gamma_low):
     """With forgetting, the chunked form divides by the decay accumulated inside a chunk, so its float32

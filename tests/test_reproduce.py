@@ -292,6 +292,7 @@ entries:
 """
 
 
+@pytest.mark.slow
 def test_a_few_shot_entry_trains_tunes_and_evaluates_then_reports(tmp_path):
     experiments = _tiny_experiments(tmp_path, task={"state_dim": 3, "obs_dim": 3, "seq_len": 16},
                                     model={"attention": "softmax"},
