@@ -100,6 +100,24 @@ class Checkpoints:
                 return step, state, meta
         return None
 
+    def resume_newest_readable(self, make_template: Callable[[dict], Any], warn: Callable[[str], None],
+                               hint: str) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the newest readable checkpoint to resume from (None: there is no checkpoint);
+        the unreadable newer ones are set aside with a ``warn``-ing.  Every checkpoint unreadable: MesaError
+        ending in ``hint`` (nothing is overwritten silently)."""
+        broken = []
+        for step, state, meta in self.readable_steps(make_template):
+            if state is None:
+                broken.append((step, meta))
+                continue
+            for bad, reason in broken:
+                moved = self.set_aside(bad)
+                warn(f"warning: {reason}; moved to {moved.name}, resuming from step {step}")
+            return step, state, meta
+        if broken:
+            raise MesaError(f"no checkpoint in {self.directory} is readable ({broken[0][1]}); {hint}")
+        return None
+
     def set_aside(self, step: int) -> Path:
         """Rename an unreadable checkpoint to ``<step>.unreadable`` (kept for inspection, no longer a step)."""
         source = self.directory / str(step)

@@ -159,20 +159,13 @@ def resume_state(spec: Any, ckpts: Checkpoints, template: dict,
     Unreadable newer checkpoints are renamed ``<step>.unreadable`` (kept, no longer steps) with a warning, so
     that training goes on from the one before; if every checkpoint is unreadable that is an error (nothing is
     retrained over them silently)."""
-    if ckpts.latest_step() is None:
+    found = ckpts.resume_newest_readable(lambda meta: template, warn,
+                                         hint="move the folder away to train from scratch")
+    if found is None:
         return None
-    broken = []
-    for step, state, meta in ckpts.readable_steps(lambda meta: template):
-        if state is None:
-            broken.append((step, meta))
-            continue
-        _check_spec(spec, meta, ckpts)
-        for bad, reason in broken:
-            moved = ckpts.set_aside(bad)
-            warn(f"warning: {reason}; moved to {moved.name}, resuming from step {step}")
-        return state, step
-    raise MesaError(f"no checkpoint in {ckpts.directory} is readable ({broken[0][1]}); move the folder away to "
-                    f"train from scratch")
+    step, state, meta = found
+    _check_spec(spec, meta, ckpts)
+    return state, step
 
 
 def _check_spec(spec: Any, meta: dict, ckpts: Checkpoints) -> None:

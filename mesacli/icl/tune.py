@@ -122,15 +122,12 @@ def _resume(ckpts: Checkpoints, state: dict, stage: str, cfg: TuneConfig, *, n_s
     """The stage's newest readable checkpoint (newer unreadable ones set aside with a warning), if it was tuned
     with the same settings, on the same model checkpoint and (prefix) with the current EOS; else MesaError
     (``ckpts`` closed)."""
-    found = ckpts.newest_readable(lambda meta: state)
-    if found is None:
+    try:
+        step, restored, stored = ckpts.resume_newest_readable(lambda meta: state, warn_stderr,
+                                                              hint=f"delete {directory} to tune afresh")
+    except MesaError:
         ckpts.close()
-        raise MesaError(f"no checkpoint in {ckpts.directory} is readable; delete {directory} to tune afresh")
-    step, restored, stored = found
-    for bad in [s for s in ckpts.all_steps() if s > step]:
-        moved = ckpts.set_aside(bad)
-        warn_stderr(f"warning: checkpoint step {bad} in {ckpts.directory} is corrupted or unreadable; moved to "
-                    f"{moved.name}, resuming from step {step}")
+        raise
     old = TuneConfig(**stored["config"]).identity(stage)
     if old != cfg.identity(stage) or stored.get("model_step") != at_step or stored.get("n_s") != n_s:
         ckpts.close()
