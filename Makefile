@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow test-distributed test-faults lint format clean bench bench-seeds lm-compare paper-probe paper-icl \
+.PHONY: install run test test-slow test-distributed test-faults lint format clean bench bench-seeds bench-train lm-compare paper-probe paper-icl \
 	reproduce report
 
 install: $(STAMP)
@@ -35,6 +35,13 @@ bench: install  ## compare attention kernels (time, memory); writes bench.json (
 
 bench-seeds: install  ## steps/s of 1 seed vs 8 seeds in one program vs 8 runs (LSA-1, Softmax-3); bench_seeds.json
 	$(VENV)/bin/mesacli bench-seeds experiments/lsa1_constructed.yaml experiments/softmax3_full.yaml --seeds 8
+
+# The paper specs of the reproduction ledger (mesacli/reproduce/ledger.yaml), at their full size.
+BENCH_TRAIN_SPECS ?= lsa1_constructed lsa2_constructed lsa4_constructed lsa6_constructed mesa1_constructed \
+	softmax3_full softmax7_full hybrid_mesa_full icl_softmax7_t224
+
+bench-train: install  ## s/step, matmul GFLOP/step and mfu of the paper specs' training steps; bench_train.json (~5 min CPU)
+	$(VENV)/bin/mesacli bench-train $(BENCH_TRAIN_SPECS) --out bench_train.json
 
 lm-compare: install  ## 2-layer language models (softmax then softmax/linear/DPFP/mesa), equal budgets (~20 min CPU)
 	$(VENV)/bin/mesacli lm compare experiments/lm-2l-softmax.yaml experiments/lm-2l-linear.yaml \

@@ -231,6 +231,41 @@ def bench_seeds(
     console.print(f"results: {out}")
 
 
+@app.command("bench-train")
+@_user_errors
+def bench_train(
+    spec_names: List[str] = typer.Argument(..., metavar="SPEC...",
+                                           help="Spec files or shipped spec names (e.g. softmax7_full)."),
+    steps: int = typer.Option(5, help="Steps per timed block."),
+    repeats: int = typer.Option(3, help="Timed blocks (the median is reported); also the matmul calls before and "
+                                        "after the specs."),
+    matmul_size: int = typer.Option(2048, help="N of the float32 N x N matmul that mfu is relative to."),
+    overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
+                                        help="Override a value in every spec (repeatable)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the results to this JSON file."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Say what is running on stderr."),
+):
+    """Training-step speed and model FLOP utilisation: per spec, seconds per step (median of timed blocks after
+    the compile and a warm-up step; the step samples its own batch, data_s times that alone), matmul FLOPs per
+    step (counted in the step's jaxpr: 2*M*N*K per matmul of forward + backward + optimiser, scan bodies once per
+    iteration, data generation excluded; XLA's cost_analysis, which counts loop bodies once, is listed beside
+    it), model GFLOP/s, and mfu = model GFLOP/s / the GFLOP/s of a float32 N x N matmul measured in the same run."""
+    from mesacli.checkpoint import check_output_path, write_output_json
+    from mesacli.spec import load_spec
+    from mesacli.spec_loader import find_spec_file
+    from mesacli.train_bench import bench_train as run_bench_train
+
+    loaded = [load_spec(find_spec_file(name), overrides) for name in spec_names]
+    if out is not None:
+        check_output_path(out)
+    say = (lambda message: err_console.print(message, highlight=False)) if progress else None
+    result = run_bench_train(loaded, steps=steps, repeats=repeats, matmul_size=matmul_size, progress=say)
+    console.print(render.train_bench_table(result))
+    if out is not None:
+        write_output_json(out, result, indent=2)
+        console.print(f"results: {out}")
+
+
 @app.command()
 @_user_errors
 def probe(

@@ -150,6 +150,27 @@ def seeds_bench_table(results: list[dict], seeds: int, steps: int, repeats: int)
     return table
 
 
+def train_bench_table(result: dict) -> Table:
+    """`mesacli bench-train`: per spec s/step, steps/s, compile time, data-generation share, matmul GFLOP per step
+    (and XLA's count), model GFLOP/s and mfu against the float32 matmul rate of the same run."""
+    mm = result["matmul"]
+    table = Table(title=f"training steps on {result['devices']} {result['device_kind']} device(s), median of "
+                        f"{result['repeats']} x {result['steps']} steps; float32 {mm['n']}² matmul "
+                        f"{result['matmul_gflops']:.1f} GFLOP/s (before / after the specs: {mm['gflops_before']:.1f}"
+                        f" / {mm['gflops_after']:.1f})", title_justify="left",
+                  caption="GFLOP: matmul FLOPs per step (forward + backward + optimiser, data generation excluded); "
+                          "mfu = GFLOP/s ÷ the matmul's GFLOP/s", caption_justify="left")
+    for column in ("spec", "B × T", "micro\nbatch", "params", "compile\ns", "s/step", "steps/s", "data\nshare",
+                   "GFLOP\n/step", "XLA GFLOP\n(loops once)", "GFLOP/s", "mfu"):
+        table.add_column(column, justify="left" if column == "spec" else "right", no_wrap=column == "spec")
+    for r in result["rows"]:
+        table.add_row(r["spec"], f"{r['batch_size']} × {r['seq_len']}", str(r["micro_batch"] or "-"),
+                      f"{r['params']:,}", f"{r['compile_s']:.1f}", _number(r["s_per_step"], 3),
+                      _number(r["steps_per_s"]), f"{r['data_share']:.0%}", _number(r["gflops"]),
+                      _number(r["xla_gflops"]), _number(r["gflops_per_s"]), f"{r['mfu']:.3f}")
+    return table
+
+
 def probe_report(run_dir: Path, result: Any) -> Group:
     """`mesacli probe`: one line of key numbers per analysis (and replica), the skipped ones, where the files are."""
     from mesacli.probe import headline

@@ -9,35 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 from typing import Callable
 
 import jax
 
 from mesacli.errors import MesaError
-from mesacli.sharding import make_mesh
 from mesacli.spec import Spec
-from mesacli.state import init_state
-from mesacli.train import make_train_step
+from mesacli.train_bench import compile_step, prepare_train_step, time_calls
 
 
 def _time_program(spec: Spec, steps: int, repeats: int) -> tuple[float, float]:
     """(compile + first step seconds, median seconds per step) of ``spec``'s train step."""
-    mesh = make_mesh(replicas=spec.train.seeds)
-    state = init_state(spec, mesh)
-    train_step = make_train_step(spec, mesh)
-    t0 = time.perf_counter()
-    state, metrics = train_step(state)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - t0
-    blocks = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = train_step(state)
-        jax.block_until_ready(metrics)
-        blocks.append((time.perf_counter() - t0) / steps)
-    return first, statistics.median(blocks)
+    prepared = prepare_train_step(spec)
+    compiled, compile_s = compile_step(prepared)
+    first, blocks, _ = time_calls(compiled, prepared.state, steps, repeats)
+    return compile_s + first, statistics.median(blocks)
 
 
 def run_seeds_bench(spec: Spec, seeds: int = 8, steps: int = 10, repeats: int = 3,

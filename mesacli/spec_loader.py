@@ -194,6 +194,21 @@ def build_spec(cls: type, data: Any, overrides: typing.Sequence[str], check: typ
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"  # the shipped specs (package data)
 
 
+def find_spec_file(name_or_path: str | Path) -> Path:
+    """A spec file as given, or the shipped spec of that name (``softmax7_full`` -> experiments/softmax7_full.yaml).
+    A bare name that is neither is a MesaError with a did-you-mean hint; a missing path is left to read_spec_file."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) != 1:
+        return path
+    shipped = EXPERIMENTS_DIR / f"{path.name}.yaml"
+    if shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(path.name, sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise MesaError(f"spec not found: {name_or_path} is neither a file nor a shipped spec{hint}; "
+                    f"`mesacli specs` lists the shipped ones")
+
+
 def list_spec_files(directory: str | Path | None = None) -> tuple[Path, list[tuple[Path, str]]]:
     """The *.yaml files of ``directory`` (default: the shipped experiments/) with each one's first comment line."""
     directory = Path(directory) if directory is not None else EXPERIMENTS_DIR
