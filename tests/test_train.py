@@ -182,3 +182,63 @@ def test_schedules_and_clipping():
     by_norm = make_optimizer(tiny_spec(train={"grad_clip": 1.0, "grad_clip_kind": "global_norm"}).train)
     _, state = by_norm.update({"w": jnp.array([3.0, -4.0])}, by_norm.init({"w": jnp.zeros(2)}), {"w": jnp.zeros(2)})
     np.testing.assert_allclose(np.asarray(state[1][0].mu["w"]) / 0.1, [0.6, -0.8], rtol=1e-6)
+
+
+def test_multi_layer_constructed_lsa_step_matches_the_authors_formulation():
+    """The LSA-k recipe step against an independent reference written the way the authors' code [C] computes it
+    (Flax Dense kernels [in, heads*key] split into heads by reshape, causal linear attention with the diagonal,
+    residual then clip after every block, prediction = slot 0 of the last block, loss sum/(2BT), optax
+    chain(clip(c), adamw(lr, weight_decay))): same initial weights and batches -> same weights after 3 steps.
+    Constructed tokens [0, s_t, s_t, s_{t-1}], no input/output projection; the activation clip and the
+    element-wise gradient clip (0.1 here, 1.0 in the recipe) are both active."""
+    import jax.numpy as jnp
+    import optax
+
+    from mesacli import model
+
+    spec = tiny_spec(task={"token_format": "constructed"},
+                     model={"layers": 3, "embed_dim": 16, "input_proj": False, "output_proj": False,
+                            "init_std": 0.3, "act_clip": 0.6},
+                     train={"lr": 1e-2, "weight_decay": 0.1, "grad_clip": 0.1, "schedule": "constant"})
+    m, n = spec.model, spec.task.obs_dim
+    heads, key = m.num_heads, m.key_size
+    mesh = make_mesh()
+    state = init_state(spec, mesh)
+
+    def kernels(params):  # [E, H, D] / [H, D, E] -> Dense kernels [E, H*D] / [H*D, E]
+        return [{"q": b["w_q"].reshape(m.embed_dim, -1), "k": b["w_k"].reshape(m.embed_dim, -1),
+                 "v": b["w_v"].reshape(m.embed_dim, -1), "o": b["w_o"].reshape(-1, m.embed_dim)}
+                for b in params["blocks"]]
+
+    def reference_loss(layers, tokens, labels):
+        x = tokens
+        size, t, _ = x.shape
+        for layer in layers:
+            q, k, v = ((x @ layer[w]).reshape(size, t, heads, key).transpose(0, 2, 1, 3) for w in "qkv")
+            logits = jnp.where(jnp.tril(jnp.ones((t, t))) == 0, 0.0, q @ jnp.swapaxes(k, -2, -1))
+            values = (logits @ v).transpose(0, 2, 1, 3).reshape(size, t, heads * key)
+            x = jnp.clip(x + values @ layer["o"], -m.act_clip, m.act_clip)
+        return jnp.sum((labels - x[:, :, :n]) ** 2) / (2 * size * t)
+
+    tx = optax.chain(optax.clip(0.1), optax.adamw(spec.train.lr, weight_decay=spec.train.weight_decay))
+    layers = kernels(jax.device_get(state["params"]))
+    opt = tx.init(layers)
+    step = make_train_step(spec, mesh)
+    clipped, saturated = False, False
+    for s in range(3):
+        batch = tasks.sample_batch(tasks.train_batch_key(spec, s), spec, spec.train.batch_size)
+        tokens = np.asarray(batch.tokens_BTI)
+        np.testing.assert_array_equal(tokens[..., :n], 0.0)
+        np.testing.assert_array_equal(tokens[:, 1:, 3 * n:], tokens[:, :-1, n:2 * n])
+        ref_value, grads = jax.value_and_grad(reference_loss)(layers, batch.tokens_BTI, batch.targets_BTS)
+        clipped = clipped or any(bool(jnp.any(jnp.abs(g) > 0.1)) for g in jax.tree_util.tree_leaves(grads))
+        updates, opt = tx.update(grads, opt, layers)
+        layers = optax.apply_updates(layers, updates)
+        state, metrics = step(state)
+        assert float(metrics["loss"]) == pytest.approx(float(ref_value), rel=1e-5)
+        residual = model.apply(state["params"], batch.tokens_BTI, spec)[1]["residual_LBTE"][1:]
+        saturated = saturated or bool(jnp.any(jnp.abs(residual) >= m.act_clip))
+    for ours, ref in zip(kernels(jax.device_get(state["params"])), layers, strict=True):
+        for w in "qkvo":
+            np.testing.assert_allclose(ours[w], ref[w], rtol=1e-4, atol=1e-6)
+    assert clipped and saturated  # both clips took part
