@@ -164,7 +164,8 @@ def train_bench_table(result: dict) -> Table:
                    "GFLOP\n/step", "XLA GFLOP\n(loops once)", "GFLOP/s", "mfu"):
         table.add_column(column, justify="left" if column == "spec" else "right", no_wrap=column == "spec")
     for r in result["rows"]:
-        table.add_row(r["spec"], f"{r['batch_size']} × {r['seq_len']}", str(r["micro_batch"] or "-"),
+        micro = str(r["micro_batch"] or "-") + (" (auto)" if r.get("micro_batch_auto") else "")
+        table.add_row(r["spec"], f"{r['batch_size']} × {r['seq_len']}", micro,
                       f"{r['params']:,}", f"{r['compile_s']:.1f}", _number(r["s_per_step"], 3),
                       _number(r["steps_per_s"]), f"{r['data_share']:.0%}", _number(r["gflops"]),
                       _number(r["xla_gflops"]), _number(r["gflops_per_s"]), f"{r['mfu']:.3f}")

@@ -41,21 +41,54 @@ def loss_fn(params, batch: tasks.Batch, spec: Spec):
     return tasks.sequence_loss(pred, batch.targets_BTS)
 
 
+# On a CPU the one-pass step of the T=50 paper models is memory-bound (its [B, H, T, T] attention buffers and
+# [B*T, H*D] projections of batch 256 do not stay in cache): micro-batches of 32 sequences (1,600 tokens) made
+# every paper spec's step 1.5-1.8x faster (BENCHMARKS.md, issue 20).  Below 8 sequences per micro-batch the
+# overhead of the many small matmuls wins.
+AUTO_MICRO_BATCH_TOKENS = 1600
+AUTO_MICRO_BATCH_MIN = 8
+
+
+def auto_micro_batch(batch_size: int, seq_len: int, platform: str, data_devices: int = 1) -> int | None:
+    """The micro-batch a step uses when ``train.micro_batch`` is unset: on a CPU the largest divisor of the batch
+    that is a multiple of the data devices and holds at most max(8, 1600 // T) sequences; None (one pass) for a
+    batch no larger than that, when no such divisor exists, and off a CPU (GPU, TPU: one pass keeps the device
+    busiest)."""
+    target = max(AUTO_MICRO_BATCH_MIN, AUTO_MICRO_BATCH_TOKENS // seq_len)
+    if platform != "cpu" or batch_size <= target:
+        return None
+    fits = [m for m in range(data_devices, target + 1, data_devices) if batch_size % m == 0]
+    return max(fits) if fits else None
+
+
+def step_micro_batch(spec: Spec, mesh: Mesh) -> int | None:
+    """The micro-batch of ``spec``'s training step on ``mesh``: ``train.micro_batch`` when set (a value >= the
+    batch size means one pass), else ``auto_micro_batch``.  An execution setting, not part of the experiment:
+    micro-batches change the update only by float rounding (``loop.accumulated_value_and_grad``), so it is not
+    written into the spec and leaves run directories, checkpoints and the ledger's ``outdated`` check alone."""
+    if spec.train.micro_batch is not None:
+        return spec.train.micro_batch
+    platform = mesh.devices.flat[0].platform
+    return auto_micro_batch(spec.train.batch_size, spec.task.seq_len, platform, mesh.shape["data"])
+
+
 def make_train_step(spec: Spec, mesh: Mesh) -> Callable[[dict], tuple[dict, dict]]:
     """The one jitted step: sample the step's batch on device (sharded over "data"), AdamW update
-    (gradients accumulated over micro-batches of ``train.micro_batch`` sequences when it is set).
+    (gradients accumulated over micro-batches of ``step_micro_batch(spec, mesh)`` sequences: ``train.micro_batch``
+    when set, else chosen for the platform by ``auto_micro_batch``).
 
     With ``train.seeds`` > 1 the replica step is ``vmap``-ed over the stacked params, optimiser states
     and seeds (metrics then have a leading replica axis)."""
     tx = make_optimizer(spec.train)
     schedule = make_schedule(spec.train)
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    micro_batch = step_micro_batch(spec, mesh)
 
     def replica_step(params, opt_state, step, seed):
         batch = tasks.sample_batch(tasks.data_key(seed, step), spec, spec.train.batch_size)
         batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         loss, grads = loop.accumulated_value_and_grad(lambda p, b: loss_fn(p, b, spec), params, batch,
-                                                 spec.train.micro_batch, batch_sharding)
+                                                 micro_batch, batch_sharding)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))

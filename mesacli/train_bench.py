@@ -146,6 +146,7 @@ class PreparedStep:
     spec: Spec
     jitted: Callable  # train.make_train_step's jitted function: state -> (state, metrics)
     state: dict
+    micro_batch: int | None = None  # the step's micro-batch (train.step_micro_batch: the spec's, else automatic)
 
 
 def prepare_train_step(spec: Spec) -> PreparedStep:
@@ -153,13 +154,13 @@ def prepare_train_step(spec: Spec) -> PreparedStep:
     ``train.seeds``), the initial state, the jitted step."""
     from mesacli.sharding import check_batch_divides, make_mesh
     from mesacli.state import init_state
-    from mesacli.train import make_train_step
+    from mesacli.train import make_train_step, step_micro_batch
 
     mesh = make_mesh(replicas=spec.train.seeds)
     check_batch_divides(spec.train.batch_size, mesh)
     if spec.train.micro_batch is not None:
         check_batch_divides(spec.train.micro_batch, mesh, "train.micro_batch")
-    return PreparedStep(spec, make_train_step(spec, mesh), init_state(spec, mesh))
+    return PreparedStep(spec, make_train_step(spec, mesh), init_state(spec, mesh), step_micro_batch(spec, mesh))
 
 
 def compile_step(prepared: PreparedStep) -> tuple[Any, float]:
@@ -232,7 +233,9 @@ def bench_spec(spec: Spec, steps: int, repeats: int, report: Callable[[str], Non
     s_per_step, data_s = statistics.median(blocks), statistics.median(data_blocks)
     mem, xla, t = compiled_bytes(compiled), _xla_flops(compiled), spec.train
     return {
-        "spec": spec.name, "batch_size": t.batch_size, "seq_len": spec.task.seq_len, "micro_batch": t.micro_batch,
+        "spec": spec.name, "batch_size": t.batch_size, "seq_len": spec.task.seq_len,
+        "micro_batch": prepared.micro_batch,
+        "micro_batch_auto": t.micro_batch is None and prepared.micro_batch is not None,
         "seeds": t.seeds, "params": count_params(prepared.state["params"]) // t.seeds,
         "layers": spec.model.layers, "attention": spec.model.attention,
         "compile_s": compile_s, "first_step_s": first_s,
