@@ -43,16 +43,20 @@ def gd1_predictions(obs_BTS: np.ndarray, eta: float) -> np.ndarray:
     return eta * gd1_sequence_direction(obs_BTS)
 
 
-def ridge_predictions(obs_BTS: np.ndarray, lam: float = 1e-3) -> np.ndarray:
-    """Phi_t s_t with Phi_t = (sum y x^T)(sum x x^T + lam I)^{-1}, sums over t' <= t."""
-    x, y = _pairs(obs_BTS)
+def ridge_predictions(obs_BTS: np.ndarray, lam: float = 1e-3, features_BTF: np.ndarray | None = None) -> np.ndarray:
+    """Phi_t s_t with Phi_t = (sum y x^T)(sum x x^T + lam I)^{-1}, sums over t' <= t.
+
+    With ``features_BTF`` (phi_t = phi(s_t), e.g. concatenated past observations) the inputs are x_{t'} = phi_{t'-1}
+    (phi_0 = 0), the targets stay y_{t'} = s_{t'}, and the prediction is Phi_t phi_t."""
+    s = np.asarray(obs_BTS, np.float64)
+    phi = s if features_BTF is None else np.asarray(features_BTF, np.float64)
+    x, _ = _pairs(phi)
     n = x.shape[-1]
     xx_BTNN = np.cumsum(np.einsum("bti,btj->btij", x, x), axis=1) + lam * np.eye(n)
-    yx_BTNN = np.cumsum(np.einsum("bti,btj->btij", y, x), axis=1)
-    s = np.asarray(obs_BTS, np.float64)
-    # Phi_t s_t = Y X^T (X X^T + lam I)^{-1} s_t; solve the symmetric system for z = (.)^{-1} s_t.
-    z = np.linalg.solve(xx_BTNN, s[..., None])[..., 0]
-    return np.einsum("btij,btj->bti", yx_BTNN, z)
+    yx_BTSN = np.cumsum(np.einsum("bti,btj->btij", s, x), axis=1)
+    # Phi_t phi_t = Y X^T (X X^T + lam I)^{-1} phi_t; solve the symmetric system for z = (.)^{-1} phi_t.
+    z = np.linalg.solve(xx_BTNN, phi[..., None])[..., 0]
+    return np.einsum("btij,btj->bti", yx_BTSN, z)
 
 
 def per_position_loss(pred_BTS: np.ndarray, targets_BTS: np.ndarray) -> np.ndarray:

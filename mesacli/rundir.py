@@ -33,6 +33,7 @@ CHECKPOINT_DIR = "checkpoints"
 EVAL_CURVE_FILE = "eval_curve.json"  # synthetic-task runs
 LM_EVAL_FILE = "eval.json"  # language-model runs
 PROBE_DIR = "probe"
+SOLVER_DIR = "solver"  # records of the analyses that need no trained model (probe.run_model_free)
 TUNE_DIR = "prompt_tune"
 
 SpecLoader = Callable[[Path], Any]

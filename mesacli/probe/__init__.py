@@ -53,7 +53,8 @@ def parse_analyses(names: Sequence[str] | None) -> list[str]:
 
 # option -> (smallest allowed value, what it is); checked before any work, whichever analyses run
 _STEP_OPTIONS = {"prop2_train_steps": (0, "--prop2-steps"), "prop2_k": (0, "--prop2-k"),
-                 "gd1_phi0_steps": (0, "--gd1-phi0-steps"), "distil_steps": (1, "--distil-steps"),
+                 "prop2_window": (1, "prop2_window"), "gd1_phi0_steps": (0, "--gd1-phi0-steps"),
+                 "distil_steps": (1, "--distil-steps"),
                  "interpolation_steps": (0, "--interpolation-steps"), "attention_sequences": (1, "attention_sequences")}
 _RATE_OPTIONS = {"distil_lr": "--distil-lr", "prop2_lr": "prop2_lr", "probe_lambda": "probe_lambda"}
 PRECOND_METHODS = ("auto", "exact", "chebyshev")
@@ -146,4 +147,42 @@ def run_probe(
                        per_replica if len(members) > 1 else {})
 
 
-__all__ = ["ANALYSES", "ProbeResult", "check_options", "headline", "parse_analyses", "run_probe"]
+def run_model_free(
+    run_dir: str | Path,
+    analysis: str,
+    spec,
+    *,
+    options: dict | None = None,
+    report: Callable[[str], None] | None = None,
+) -> dict:
+    """Run ``analysis`` on ``spec``'s task without a trained model (the analyses in ``registry.MODEL_FREE``: the
+    Prop-2 solvers): the record goes to RUN_DIR/solver/<analysis>.json, and RUN_DIR is made a run directory of
+    ``spec`` (its spec.yaml) if it is not one yet, so that the model may be trained there later."""
+    from mesacli import rundir
+    from mesacli.checkpoint import dump_json
+    from mesacli.probe.common import RunContext
+    from mesacli.spec import load_run_spec
+
+    names = parse_analyses([analysis])
+    if len(names) != 1:
+        raise MesaError(f"run_model_free runs one analysis, got {analysis!r}")
+    name = names[0]
+    if name not in registry.MODEL_FREE:
+        raise MesaError(f"{name} analyses a trained model; only {', '.join(registry.MODEL_FREE)} run without one")
+    module = registry.module(name)
+    check_options(dict(options or {}))
+    check = getattr(module, "check_applicable", None)
+    if check is not None:
+        check(spec)
+    run_dir = Path(run_dir)
+    rundir.prepare(spec, run_dir, load_run_spec)
+    ctx = RunContext(run_dir, spec, None, None, report=report, options=dict(options or {}), folder=rundir.SOLVER_DIR)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    ctx.say(f"{name} (model-free)")
+    result = module.run(ctx)
+    result["run_dir"], result["spec_name"] = str(run_dir), spec.name
+    dump_json(ctx.out_dir / f"{name}.json", result)
+    return result
+
+
+__all__ = ["ANALYSES", "ProbeResult", "check_options", "headline", "parse_analyses", "run_model_free", "run_probe"]

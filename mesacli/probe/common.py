@@ -29,13 +29,14 @@ class RunContext:
 
     run_dir: Path
     spec: Spec
-    params: Any
-    step: int
+    params: Any  # None: a model-free run (an analysis in registry.MODEL_FREE, see probe.run_model_free)
+    step: int | None
     seeds: int = 5  # data seeds to average over (paper: 5)
     batch_size: int = 256  # sequences per probe batch (paper: 256)
     report: Callable[[str], None] | None = None  # progress messages
     options: dict = dataclasses.field(default_factory=dict)  # per-analysis settings (see run_probe)
     replica_seed: int | None = None  # the seed of one replica of a multi-seed run (None: a single-seed run)
+    folder: str = PROBE_DIR  # the records' folder in run_dir (rundir.SOLVER_DIR for a model-free run)
 
     @property
     def replica(self) -> str:
@@ -49,7 +50,7 @@ class RunContext:
 
     @property
     def out_dir(self) -> Path:
-        return self.run_dir / PROBE_DIR / self.replica
+        return self.run_dir / self.folder / self.replica
 
     def say(self, message: str) -> None:
         if self.report is not None:

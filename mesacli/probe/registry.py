@@ -4,6 +4,7 @@ An analysis module defines ``TITLE`` (its summary.md heading), ``DESCRIPTION`` (
 (the JSON written to probe/<name>.json), ``summary(result) -> list[str]`` (its markdown lines),
 ``headline(result) -> str`` (its row of the `mesacli probe` table) and optionally ``check_applicable(spec)``
 (raises MesaError when the analysis does not apply). Adding an analysis is one module and one line here.
+An analysis in ``MODEL_FREE`` also runs without a trained model (``ctx.params`` None; ``probe.run_model_free``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ ANALYSES: dict[str, str] = {
     "compress": "mesacli.probe.compress",
     "linearize": "mesacli.probe.linearize",
 }
+
+MODEL_FREE: tuple[str, ...] = ("prop2",)  # the solvers run on the task's data alone
 
 
 def module(name: str) -> ModuleType:

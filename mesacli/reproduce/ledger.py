@@ -2,7 +2,9 @@
 
 An entry is either a number (``metric`` measured on the entry's ``spec``, the paper's value ``paper``, a relative
 ``tolerance``) or a claim (``checks``: comparisons of metrics, see ``metrics.parse_check``).  ``specs`` says, for
-every experiment the entries need, which analyses produce its records and what one training step costs.
+every experiment the entries need, which analyses produce its records and what one training step costs.  Every
+analysis reads the trained model except ``solver:<analysis>`` (``needs_model``): a probe analysis run on the spec's
+task alone (e.g. the Prop-2 solvers), so an entry that reads only such records does not wait for training.
 ``load_ledger`` rejects an unknown key (with a did-you-mean hint), a spec that is not shipped, a metric that does
 not parse or whose analysis the spec does not run, and duplicate ids.
 """
@@ -17,7 +19,13 @@ from mesacli.reproduce import metrics
 from mesacli.spec_loader import EXPERIMENTS_DIR, build_spec, parse_yaml
 
 LEDGER_FILE = Path(__file__).resolve().parent / "ledger.yaml"
-ANALYSIS_KINDS = ("eval", "probe", "tune", "icl", "icl_continual")
+ANALYSIS_KINDS = ("eval", "probe", "tune", "icl", "icl_continual", "solver")
+MODEL_FREE_KINDS = ("solver",)  # analyses run without a trained model (mesacli.probe.run_model_free)
+
+
+def needs_model(analysis: str) -> bool:
+    """Whether an analysis of the ledger (or the analysis a metric names) reads the trained model."""
+    return analysis.partition(":")[0] not in MODEL_FREE_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +35,7 @@ class SpecPlan:
     step_seconds: float
     analyses: tuple[str, ...] = ("eval",)
     analysis_seconds: float = 120.0  # measured (or estimated) cost of the analyses other than prompt tuning
+    solver_seconds: float = 300.0  # measured (or estimated) cost of the model-free analyses (solver:<analysis>)
     tune_step_seconds: float = 0.5  # one prompt-tuning step (tune:<stage> analyses)
     tune_steps: int = 5000  # Adam steps per tuning stage (prompt-tune --steps)
     tune_prefix_len: int = 20  # prompt-tune --prefix-len
@@ -74,6 +83,12 @@ class Entry:
                 if ref.spec and ref.spec not in names:
                     names.append(ref.spec)
         return names
+
+    def trained_specs(self) -> list[str]:
+        """The specs whose trained model the entry reads (a spec it reads model-free records of only is not one)."""
+        refs = self.metric_refs()
+        return [name for name in self.specs()
+                if any(ref.spec == name and needs_model(metrics.parse_metric(ref.metric).analysis) for ref in refs)]
 
     def metric_refs(self) -> list[metrics.MetricRef]:
         """Every metric the entry reads (the checks' operands, else its metric), with the spec filled in."""
@@ -126,6 +141,11 @@ def _check_analysis(name: str, analysis: str) -> None:
         from mesacli.icl.evaluate import prompt_names
 
         prompt_names(arg)
+    if kind == "solver":
+        from mesacli.probe.registry import MODEL_FREE
+
+        if arg not in MODEL_FREE:
+            raise MesaError(f"specs.{name}: solver:{arg}: only {', '.join(MODEL_FREE)} run without a trained model")
 
 
 def validate(ledger: Ledger, experiments_dir: Path = EXPERIMENTS_DIR) -> Ledger:

@@ -1,13 +1,14 @@
 """Metric names of the ledger and how each is read from the records of a run directory.
 
 A metric names one number (or one yes/no property) of the records that `mesacli eval`, `probe`, `icl-eval`
-write into a run directory::
+(and the model-free analyses of `reproduce run`, ``solver:<analysis>``) write into a run directory::
 
     eval.seq_avg  eval.t<N>  eval.<gd1|ridge>.<seq_avg|t<N>>                     eval_step<S>.json (latest S)
     probe.<target|precond|current>.layer<L|last>.t<N>   probe.target.t<N>.falls   probe/probes.json
     probe.token.t<N>                                                             probe/binding.json
     probe.linearize.layer<L>                                                     probe/linearize.json
     probe.prop2.<model|chebyshev|gd1|ridge>.<seq_avg|t<N>>                       probe/prop2.json
+    solver.prop2.<concat|mlp|naive>.<seq_avg|t<N>>                                solver/prop2.json (no model)
     probe.compress.<model|compressed>.seq_avg                                    probe/compress.json
     icl.<plain|eos|tuned|ar_lsq|lsq|gd1>.i<N>   icl.<plain|eos|tuned>.falls      icl_eval_*.json
     icl_continual.<plain|eos|tuned>.i<N>   icl_continual.<...>.rebounds        icl_eval_*_continual.json
@@ -31,7 +32,7 @@ import numpy as np
 
 from mesacli.errors import MesaError
 from mesacli.probe.common import LSTSQ_CUTOFF
-from mesacli.rundir import PROBE_DIR
+from mesacli.rundir import PROBE_DIR, SOLVER_DIR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +121,14 @@ PROP2_KEYS = {"model": "model", "chebyshev": "Chebyshev", "gd1": "GD-1", "ridge"
 COMPRESS_KEYS = {"model": "model", "compressed": "compressed"}
 
 
-def probe_record(run_dir: Path, name: str) -> dict | None:
-    return load_record(Path(run_dir) / PROBE_DIR / f"{name}.json")
+def probe_record(run_dir: Path, name: str, folder: str = PROBE_DIR) -> dict | None:
+    """probe/<name>.json of a run, or with folder=SOLVER_DIR the record of the analysis run without a model."""
+    return load_record(Path(run_dir) / folder / f"{name}.json")
 
 
-def _probe_reader(name: str, value: Callable[[dict], Any]) -> Callable[[Path], Reading]:
+def _probe_reader(name: str, value: Callable[[dict], Any], folder: str = PROBE_DIR) -> Callable[[Path], Reading]:
     def read(run_dir: Path) -> Reading:
-        record = probe_record(run_dir, name)
+        record = probe_record(run_dir, name, folder)
         if record is None:
             return MISSING
         if not probe_record_current(name, record):  # an older probe definition: not measured
@@ -148,6 +150,11 @@ def probe_record_current(name: str, record: dict) -> bool:
     if name == "linearize" and record.get("pe_layer_replacement") != "linear_pe":
         return False  # before, a PE layer's replacement lost its positional encodings
     return name != "probes" or record.get("precond") == "chebyshev"
+
+
+def variant_curve(record: dict, variant: str) -> list[float]:
+    """The test-loss curve of one Prop-2 baseline of a partially observed / nonlinear task (probe.solvers)."""
+    return record["per_position_loss"][record["variants"][variant]["curve"]]
 
 
 def _layers_at(record: dict, target: str, position: int) -> list[float]:
@@ -229,6 +236,8 @@ _RULES: list[tuple[str, Callable[[re.Match], tuple[str, Callable[[Path], Reading
         "linearize", lambda r: float(r["ratio"][int(m[1]) - 1]) if int(m[1]) >= 1 else None))),
     (rf"probe\.prop2\.(model|chebyshev|gd1|ridge)\.{_POS}", lambda m: ("probe:prop2", _probe_reader(
         "prop2", lambda r: _at(pick(r["per_position_loss"], PROP2_KEYS[m[1]]), m[2])))),
+    (rf"solver\.prop2\.(concat|mlp|naive)\.{_POS}", lambda m: ("solver:prop2", _probe_reader(
+        "prop2", lambda r: _at(variant_curve(r, m[1]), m[2]), SOLVER_DIR))),
     (r"probe\.compress\.(model|compressed)\.seq_avg", lambda m: ("probe:compress", _probe_reader(
         "compress", lambda r: _at(pick(r["per_position_loss"], COMPRESS_KEYS[m[1]]), "seq_avg")))),
     (r"icl\.(plain|eos|tuned|ar_lsq|lsq|gd1)\.(i\d+)", lambda m: ("icl", _icl_reader(m[1], m[2], False))),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mesacli.reproduce import metrics
 from mesacli.reproduce.status import RESULTS_DIR, EntryStatus
+from mesacli.rundir import SOLVER_DIR
 
 REPORT_FILE = "REPORT.md"
 FIGURES_DIR = "figures"
@@ -53,10 +54,15 @@ def _position_figure(rows: list[EntryStatus], results_dir: Path, path: Path, fig
     from mesacli import plots
 
     curves, points, dashed = {}, {}, []
-    pattern = r"(eval|probe\.prop2)\.(?:(gd1|ridge|chebyshev|model)\.)?(t\d+|seq_avg)"
+    pattern = r"(eval|probe\.prop2|solver\.prop2)\.(?:(gd1|ridge|chebyshev|model|concat|mlp|naive)\.)?(t\d+|seq_avg)"
     for e, (source, variant, position) in _matching(rows, pattern):
         run_dir = Path(results_dir) / e.spec
-        if source == "eval":
+        if source == "solver.prop2":  # a model-free record (solver/prop2.json)
+            record = metrics.probe_record(run_dir, "prop2", SOLVER_DIR)
+            name = f"Prop-2 {variant} ({e.spec})"
+            curve = record and variant in record.get("variants", {}) and metrics.variant_curve(record, variant)
+            dashed.append(name)
+        elif source == "eval":
             record = metrics.latest_eval_record(run_dir)
             if variant is None:
                 name, curve = e.spec, record and record["per_position_loss"]
@@ -156,7 +162,8 @@ def write_report(statuses: list[EntryStatus], results_dir: Path = RESULTS_DIR, *
             what = e.claim or e.metric
             if e.checks:
                 what += " (" + "; ".join(f"`{c}`" for c in e.checks) + ")"
-            ours = fmt_value(s.ours) + (f" @ {s.ours_step}" if s.ours is not None and not s.done else "")
+            at_step = s.ours is not None and s.ours_step is not None and not s.done  # (a model-free record: no step)
+            ours = fmt_value(s.ours) + (f" @ {s.ours_step}" if at_step else "")
             ratio = "–" if s.ratio is None else f"{s.ratio:.2f}"
             lines.append(f"| `{e.id}` | {e.spec} | {what} | {fmt_value(s.paper)} | {ours} | {ratio} | "
                          f"{verdict(s)} | {s.state} |")

@@ -1,10 +1,12 @@
 """`mesacli reproduce run`: produce what the selected ledger entries need, a time budget at a time.
 
-For every spec the entries read (results/<spec>/, priority order): train or resume it from the shipped spec at its
-full step count, then run the spec's analyses whose records are missing or older than the final step (``eval``,
-``probe:<name>``, ``tune:<stage>``, ``icl:<prompts>``, ``icl_continual:<prompts>``).  The budget is a deadline for
-the training and tuning loops (``runtime.deadline``): when it passes, the step under way finishes and is saved,
-exactly as on SIGTERM, and no new stage starts; the next call resumes.  After each spec only the latest
+For every spec the entries read (results/<spec>/, priority order): first its model-free analyses
+(``solver:<name>``, ``ledger.needs_model``) whose records are missing, then, if an entry reads its trained model,
+train or resume it from the shipped spec at its full step count and run the spec's other analyses whose records
+are missing or older than the final step (``eval``, ``probe:<name>``, ``tune:<stage>``, ``icl:<prompts>``,
+``icl_continual:<prompts>``).  A spec whose entries read model-free records only is not trained.  The budget is a
+deadline for the training and tuning loops (``runtime.deadline``): when it passes, the step under way finishes and
+is saved, exactly as on SIGTERM, and no new stage starts; the next call resumes.  After each spec only the latest
 checkpoint is kept (the committed record holds one).
 """
 
@@ -18,7 +20,7 @@ from typing import Callable
 
 from mesacli import runtime
 from mesacli.errors import MesaError
-from mesacli.reproduce.ledger import Ledger
+from mesacli.reproduce.ledger import Ledger, needs_model
 from mesacli.reproduce.status import RESULTS_DIR, analysis_current, run_state, shipped_spec
 from mesacli.spec_loader import EXPERIMENTS_DIR
 
@@ -56,9 +58,17 @@ class RunReport:
     specs: list[str]
 
 
-def _run_analysis(analysis: str, plan, run_dir: Path, progress: bool, say: Callable[[str], None]) -> tuple[str, bool]:
+def _run_analysis(analysis: str, plan, run_dir: Path, progress: bool, say: Callable[[str], None],
+                  experiments_dir: Path = EXPERIMENTS_DIR) -> tuple[str, bool]:
     """Run one analysis; returns (a short detail, interrupted)."""
     kind, _, arg = analysis.partition(":")
+    if kind == "solver":
+        from mesacli.probe import run_model_free
+
+        started = time.time()
+        run_model_free(run_dir, arg, shipped_spec(run_dir.name, experiments_dir), options=plan.probe_options(),
+                       report=say if progress else None)
+        return f"{time.time() - started:.0f}s", False
     if kind == "eval":
         from mesacli.evaluate import evaluate_run
 
@@ -120,28 +130,35 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
             wanting = [e.id for e in entries if name in e.specs()]
             head = f"[{n}/{len(names)}] {name} ({len(wanting)} entries: {', '.join(wanting[:3])}" + \
                    (", ..." if len(wanting) > 3 else "") + ")"
-            if not state.trained:
-                say(f"{head}: training from step {state.trained_steps} of {state.total_steps}{left()}")
-                started = time.time()
-                result = train(shipped_spec(name, experiments_dir), state.run_dir, progress=progress)
-                stages.append(Stage(name, "train", time.time() - started, f"step {result.step}/{state.total_steps}"))
-                if result.interrupted or result.step < state.total_steps:
-                    stopped = must_stop() or "SIGTERM"
-                else:
+
+            needs_training = any(name in e.trained_specs() for e in entries)
+            for with_model in (False, True):  # the model-free analyses first: they need no training
+                if with_model and (stopped or not needs_training):
+                    break
+                if with_model and not state.trained:
+                    say(f"{head}: training from step {state.trained_steps} of {state.total_steps}{left()}")
+                    started = time.time()
+                    result = train(shipped_spec(name, experiments_dir), state.run_dir, progress=progress)
+                    stages.append(Stage(name, "train", time.time() - started,
+                                        f"step {result.step}/{state.total_steps}"))
+                    if result.interrupted or result.step < state.total_steps:
+                        stopped = must_stop() or "SIGTERM"
+                    else:
+                        state = run_state(name, plan, results_dir, experiments_dir)
+                for analysis in plan.analyses:
+                    if stopped or (stopped := must_stop()) is not None:
+                        break
+                    if needs_model(analysis) != with_model or analysis_current(analysis, plan, state):
+                        continue
+                    say(f"{head}: {analysis}{left()}")
+                    started = time.time()
+                    detail, interrupted = _run_analysis(analysis, plan, state.run_dir, progress, say,
+                                                        experiments_dir)
+                    stages.append(Stage(name, analysis, time.time() - started, detail))
+                    if interrupted:
+                        stopped = must_stop() or "SIGTERM"
+                        break
                     state = run_state(name, plan, results_dir, experiments_dir)
-            for analysis in plan.analyses:
-                if stopped or (stopped := must_stop()) is not None:
-                    break
-                if analysis_current(analysis, plan, state):
-                    continue
-                say(f"{head}: {analysis}{left()}")
-                started = time.time()
-                detail, interrupted = _run_analysis(analysis, plan, state.run_dir, progress, say)
-                stages.append(Stage(name, analysis, time.time() - started, detail))
-                if interrupted:
-                    stopped = must_stop() or "SIGTERM"
-                    break
-                state = run_state(name, plan, results_dir, experiments_dir)
             rundir.prune_checkpoints(state.run_dir, keep=1)
             for stage_dir in (state.run_dir / rundir.TUNE_DIR).glob("*"):
                 rundir.prune_checkpoints(stage_dir, keep=1)

@@ -2,10 +2,11 @@
 the state of the runs it needs, and the CPU time left to produce it.
 
 States, the first that applies: ``blocked: <why>`` (the ledger says mesacli cannot produce it yet); for the specs
-an entry reads (results/<spec>/): ``outdated`` (the run's spec.yaml is not the shipped spec), ``missing`` (no
-checkpoint), ``training N/M steps``, ``tuning N/M steps`` (prompt tuning of a few-shot run); then ``analysis
-pending`` (a record the entry reads is missing, made at an earlier step, with other ledger settings or by an
-older probe definition) and ``done``.
+an entry reads (results/<spec>/): ``outdated`` (the run's spec.yaml is not the shipped spec), and for those whose
+trained model it reads (``Entry.trained_specs``; not a spec it reads model-free ``solver:`` records of only):
+``missing`` (no checkpoint), ``training N/M steps``, ``tuning N/M steps`` (prompt tuning of a few-shot run); then
+``analysis pending`` (a record the entry reads is missing, made at an earlier step, with other ledger settings or
+by an older probe definition) and ``done``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from mesacli.errors import MesaError
 from mesacli.reproduce import metrics
-from mesacli.reproduce.ledger import Entry, Ledger
+from mesacli.reproduce.ledger import Entry, Ledger, needs_model
+from mesacli.rundir import PROBE_DIR, SOLVER_DIR
 from mesacli.spec_loader import EXPERIMENTS_DIR
 
 RESULTS_DIR = Path("results")
@@ -116,16 +118,19 @@ PROBE_SETTINGS = {"linearize": ("distil_steps", "distil_steps"), "prop2": ("trai
 
 
 def analysis_current(analysis: str, plan, state: RunState) -> bool:
-    """Whether the record that ``analysis`` writes exists for the run's final step, with the ledger's settings
-    (e.g. the linearize distillation steps) and the current probe definitions."""
+    """Whether the record that ``analysis`` writes exists for the run's final step (any step for a model-free
+    ``solver:`` record), with the ledger's settings (e.g. the linearize distillation steps) and the current probe
+    definitions."""
     kind, _, arg = analysis.partition(":")
     run_dir, total = state.run_dir, state.total_steps
     if kind == "eval":
         record = metrics.latest_eval_record(run_dir)
         return record is not None and record.get("step") == total
-    if kind == "probe":
-        record = metrics.probe_record(run_dir, arg)
-        if record is None or record.get("step") != total or not metrics.probe_record_current(arg, record):
+    if kind in ("probe", "solver"):
+        record = metrics.probe_record(run_dir, arg, PROBE_DIR if kind == "probe" else SOLVER_DIR)
+        if record is None or not metrics.probe_record_current(arg, record):
+            return False
+        if kind == "probe" and record.get("step") != total:
             return False
         if arg in PROBE_SETTINGS:
             field, setting = PROBE_SETTINGS[arg]
@@ -149,10 +154,12 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> 
         steps[str(ref)] = reading.step
         produced_by = ledger.specs[ref.spec].analysis_for(metric.analysis)
         stale = produced_by is not None and not analysis_current(produced_by, ledger.specs[ref.spec], state)
-        if reading.value is None or reading.step != state.total_steps or stale:
+        old_step = needs_model(metric.analysis) and reading.step != state.total_steps
+        if reading.value is None or old_step or stale:
             pending.append(ref)
     runs = [states[name] for name in entry.specs()]
-    not_ready = [s for s in runs if not (s.trained and s.tuned)]
+    trained = entry.trained_specs()
+    not_ready = [s for s in runs if s.outdated or (s.name in trained and not (s.trained and s.tuned))]
     if entry.blocked:
         state = f"blocked: {entry.blocked}"
     elif not_ready:
@@ -164,10 +171,16 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> 
     cpu_by_spec = {}
     for run in runs:
         plan = ledger.specs[run.name]
-        left = run.total_steps if run.outdated else max(0, run.total_steps - run.trained_steps)
-        cpu = left * plan.step_seconds + (run.tune_total - run.tune_done) * plan.tune_step_seconds
-        if any(ref.spec == run.name for ref in pending) and not entry.blocked:
-            cpu += plan.analysis_seconds
+        cpu = 0.0
+        if run.name in trained:
+            left = run.total_steps if run.outdated else max(0, run.total_steps - run.trained_steps)
+            cpu = left * plan.step_seconds + (run.tune_total - run.tune_done) * plan.tune_step_seconds
+        if not entry.blocked:
+            waiting = [metrics.parse_metric(ref.metric).analysis for ref in pending if ref.spec == run.name]
+            if any(needs_model(a) for a in waiting):
+                cpu += plan.analysis_seconds
+            if not all(needs_model(a) for a in waiting):
+                cpu += plan.solver_seconds
         cpu_by_spec[run.name] = cpu
     ours = ours_step = ratio = None
     if entry.metric is not None:
