@@ -29,18 +29,22 @@ class Teacher(NamedTuple):
 
 
 def nonlinear_mlp_weights(task: TaskSpec) -> tuple[jax.Array, jax.Array]:
-    """The fixed teacher MLP* of the nonlinear task: A (n_m x n_h) and B (n_h x n_m)."""
-    a = task.mlp_scale * jax.random.normal(jax.random.PRNGKey(task.mlp_seed), (task.mlp_hidden, task.state_dim))
-    b = task.mlp_scale * jax.random.normal(jax.random.PRNGKey(task.mlp_seed + 1), (task.state_dim, task.mlp_hidden))
-    return a, b
+    """The fixed teacher MLP* of the nonlinear task: A (n_m x n_h) and B (n_h x n_m), so that MLP*(h) = B GELU(A h).
+
+    Drawn as the authors' code draws them (paper-spec 1): A^T = mlp_scale N(0, 1) of shape [n_h, n_m] from
+    PRNGKey(mlp_seed) and B^T of shape [n_m, n_h] from PRNGKey(mlp_seed + 1), applied there as GELU(h^T A^T) B^T."""
+    a_t = task.mlp_scale * jax.random.normal(jax.random.PRNGKey(task.mlp_seed), (task.state_dim, task.mlp_hidden))
+    b_t = task.mlp_scale * jax.random.normal(jax.random.PRNGKey(task.mlp_seed + 1), (task.mlp_hidden, task.state_dim))
+    return a_t.T, b_t.T
 
 
 def teacher_features(task: TaskSpec, h_H: jax.Array) -> jax.Array:
-    """f*(h): identity, or the unit-norm teacher MLP output B GELU(A h) / ||.|| for the nonlinear task."""
+    """f*(h): identity, or the unit-norm teacher MLP output B GELU(A h) / ||.|| for the nonlinear task (GELU in
+    its tanh form, jax.nn.gelu's default, as in the authors' code)."""
     if task.kind != "nonlinear":
         return h_H
     a, b = nonlinear_mlp_weights(task)
-    m = b @ jax.nn.gelu(a @ h_H, approximate=False)
+    m = b @ jax.nn.gelu(a @ h_H, approximate=True)
     return m / jnp.linalg.norm(m)
 
 

@@ -101,6 +101,20 @@ def test_nonlinear_transition():
     assert resid.std() == pytest.approx(0.01, rel=0.05)
 
 
+def test_nonlinear_teacher_mlp_is_the_authors():
+    """MLP*(h) = GELU_tanh(h^T A') B' with A' = 1.1 N(0, 1) [n_h, n_m] from PRNGKey(421) and B' [n_m, n_h] from
+    PRNGKey(422), as the authors' data generator draws and applies them (paper-spec 1), in float64 numpy."""
+    task = TaskSpec(kind="nonlinear")
+    a_auth = 1.1 * np.asarray(jax.random.normal(jax.random.PRNGKey(421), (10, 40)), np.float64)
+    b_auth = 1.1 * np.asarray(jax.random.normal(jax.random.PRNGKey(422), (40, 10)), np.float64)
+    h = np.random.default_rng(0).uniform(-1, 1, size=(8, 10))
+    x = h @ a_auth
+    m = (0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))) @ b_auth
+    want = m / np.linalg.norm(m, axis=-1, keepdims=True)
+    got = jax.vmap(lambda v: tasks.teacher_features(task, v))(jnp.asarray(h, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-4, atol=1e-5)
+
+
 def test_constructed_tokens_layout_and_mask():
     spec = spec_from_dict({"task": {"token_format": "constructed", "seq_len": 6}})
     batch = tasks.sample_batch(jax.random.PRNGKey(0), spec, 3)
