@@ -16,8 +16,9 @@ Forms (all compute the same function):
 - ``mesa_sequential``: recursive least squares (Sherman-Morrison scan over tokens carrying R_t = A_t^{-1}).
 - ``mesa_chunked``: chunks of C tokens.  The state A at every chunk boundary is an additive recursion;
   inside a chunk every token's solution comes from one Cholesky factor of the C x C matrix
-  N = diag(b) + K R_0 K^T, whose leading blocks give the causal per-token Woodbury corrections; all
-  chunks are processed at once.  A hand-written backward pass (custom VJP) reuses the forward's factors:
+  N = diag(b) + K R_0 K^T, whose leading blocks give the causal per-token Woodbury corrections; chunks
+  are processed batched: in groups of ~256 matrices by a scan when only the output is needed, all at once
+  under differentiation.  A hand-written backward pass (custom VJP) reuses the forward's factors:
   gradients store O(T (D + C) + (T/C) D^2) per head instead of a D x D matrix per token.
 - ``mesa_decode_step``: one token at a time with state (R, G), for generation.
 """
@@ -182,43 +183,60 @@ def spd_inverse(m_XNN):
     return jnp.swapaxes(l_inv, -1, -2) @ l_inv
 
 
+def _scale(s_nBHC, x_nBHCX):
+    """s_i x_i (rows scaled by a per-token factor); no factor (None, no forgetting) leaves x as it is."""
+    return x_nBHCX if s_nBHC is None else s_nBHC[..., None] * x_nBHCX
+
+
+def _causal(rel_nBHCC, x_nBHCC):
+    """rel * x with the in-chunk decay weights, or x below and on the diagonal (0 above) without forgetting."""
+    if rel_nBHCC is not None:
+        return rel_nBHCC * x_nBHCC
+    c = x_nBHCC.shape[-1]
+    return jnp.where(jnp.tril(jnp.ones((c, c), dtype=bool)), x_nBHCC, 0.0)
+
+
 def _causal_solve(r0_nBHDD, m_nBHCD, rhs_nBHCD, b_nBHC):
     """x_i = A_i^{-1} rhs_i for every token i of a chunk (Woodbury, one Cholesky factor for all i):
 
         A_i^{-1} = b_i^{-1} [R_0 - R_0 K_{<=i}^T N_{<=i}^{-1} K_{<=i} R_0],  N = diag(b) + K R_0 K^T = L L^T.
     The leading block of L is the factor of N_{<=i}, so with M = L^{-1} K R_0 [C, D]
         x_i = b_i^{-1} [R_0 rhs_i - sum_{j<=i} (M_j . rhs_i) M_j],   i.e.  X = (rhs R_0 - tril(rhs M^T) M) / b.
+    b = None: no forgetting (b = 1).
     """
-    c = m_nBHCD.shape[-2]
-    z_CC = jnp.where(jnp.tril(jnp.ones((c, c), dtype=bool)), rhs_nBHCD @ jnp.swapaxes(m_nBHCD, -1, -2), 0.0)
-    return (rhs_nBHCD @ r0_nBHDD - z_CC @ m_nBHCD) / b_nBHC[..., None]
+    z_CC = _causal(None, rhs_nBHCD @ jnp.swapaxes(m_nBHCD, -1, -2))
+    x = rhs_nBHCD @ r0_nBHDD - z_CC @ m_nBHCD
+    return x if b_nBHC is None else x / b_nBHC[..., None]
 
 
-def _precondition_chunks(q_nBHCD, k_nBHCD, cum_nBHC, lam_H):
-    """q~_i = A_i^{-1} q_i for every token, all chunks at once.
+def _precondition_chunks(q_nBHCD, k_nBHCD, b_nBHC, a0s):
+    """q~_i = A_i^{-1} q_i for every token of a batch of chunks, given A_0, the state A at each chunk's start.
 
-    The only sequential part is additive: A at the start of chunk n is
-        A_0(n) = beta_n I / lambda + sum over earlier tokens of w k k^T   (beta_n: decay before chunk n),
-    a D x D recursion over chunks (``_chunk_states``).  Then, batched over chunks: R_0 = A_0^{-1}
-    (``spd_inverse``), N = diag(b) + K R_0 K^T = L L^T and the causal solves of ``_causal_solve``.
-    Inverting the accumulated A is more accurate in float32 than carrying R by Woodbury downdates
-    (1e-4 against 2e-4 relative error for N(0, 1) keys with d=64, lambda=10).
-    Returns q~ [n, B, H, C, D], M = L^{-1} K R_0 [n, B, H, C, D], R_0 [n, B, H, D, D] and A_0 of every chunk.
+    Batched over chunks: R_0 = A_0^{-1} (``spd_inverse``), N = diag(b) + K R_0 K^T = L L^T and the causal
+    solves of ``_causal_solve``.  Inverting the accumulated A is more accurate in float32 than carrying R by
+    Woodbury downdates (1e-4 against 2e-4 relative error for N(0, 1) keys with d=64, lambda=10).
+    Returns q~ [n, B, H, C, D], M = L^{-1} K R_0 [n, B, H, C, D] and R_0 [n, B, H, D, D].
     """
-    c, d = q_nBHCD.shape[-2:]
-    b_nBHC = jnp.exp(cum_nBHC)
-    _, to_end = _decay_within(cum_nBHC)
-    a_contrib = jnp.einsum("nbhl,nbhld,nbhle->nbhde", to_end, k_nBHCD, k_nBHCD)
-    _, a0s = _chunk_states(a_contrib, b_nBHC[..., -1])
-    beta_nBH = jnp.exp(_decay_before_chunk(cum_nBHC))
-    eye_D = jnp.eye(d, dtype=q_nBHCD.dtype)
-    a0s = a0s + (beta_nBH / lam_H)[..., None, None] * eye_D
+    c = q_nBHCD.shape[-2]
     r0s = spd_inverse(0.5 * (a0s + jnp.swapaxes(a0s, -1, -2)))
     k_r0 = k_nBHCD @ r0s  # K R_0 [C, D]
-    n_CC = k_r0 @ jnp.swapaxes(k_nBHCD, -1, -2) + b_nBHC[..., :, None] * jnp.eye(c, dtype=q_nBHCD.dtype)
+    eye_C = jnp.eye(c, dtype=q_nBHCD.dtype)
+    n_CC = k_r0 @ jnp.swapaxes(k_nBHCD, -1, -2) + (eye_C if b_nBHC is None else b_nBHC[..., :, None] * eye_C)
     _, l_inv = cholesky_with_inverse(0.5 * (n_CC + jnp.swapaxes(n_CC, -1, -2)))
     m = l_inv @ k_r0  # M = L^{-1} K R_0
-    return _causal_solve(r0s, m, q_nBHCD, b_nBHC), m, r0s, a0s
+    return _causal_solve(r0s, m, q_nBHCD, b_nBHC), m, r0s
+
+
+def _decay_within(cum_nBHC):
+    """(b, rel, to_end) inside a chunk: b_i, rel[i, l] = b_i / b_l for l <= i (0 above the diagonal) and
+    to_end[l] = b_C / b_l; all None without forgetting (cum None)."""
+    if cum_nBHC is None:
+        return None, None, None
+    c = cum_nBHC.shape[-1]
+    causal = jnp.tril(jnp.ones((c, c), dtype=bool))
+    diff = cum_nBHC[..., :, None] - cum_nBHC[..., None, :]
+    rel = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
+    return jnp.exp(cum_nBHC), rel, jnp.exp(cum_nBHC[..., -1:] - cum_nBHC)
 
 
 def _decay_before_chunk(cum_nBHC):
@@ -227,69 +245,117 @@ def _decay_before_chunk(cum_nBHC):
     return jnp.cumsum(chunk_log, axis=0) - chunk_log
 
 
-def _decay_within(cum_nBHC):
-    """rel[i, l] = b_i / b_l for l <= i (0 above the diagonal) and to_end[l] = b_C / b_l, inside a chunk."""
-    c = cum_nBHC.shape[-1]
-    causal = jnp.tril(jnp.ones((c, c), dtype=bool))
-    diff = cum_nBHC[..., :, None] - cum_nBHC[..., None, :]
-    rel = jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0.0)), 0.0)
-    return rel, jnp.exp(cum_nBHC[..., -1:] - cum_nBHC)
-
-
-def _chunk_states(contrib_nBHXD, b_end_nBH, reverse: bool = False):
-    """(final, per-chunk) states of S_{n+1} = b_C(n) S_n + contrib_n, S_0 = 0: per chunk, the state at
-    its START.  With ``reverse``, the cotangent recursion S_{n-1} = b_C(n) S_n + contrib_n, S_{N-1} = 0: per
-    chunk, the cotangent of the state at its END."""
+def _chunk_states(contrib_nBHXD, b_end_nBH, reverse: bool = False, init=None):
+    """(final, per-chunk) states of S_{n+1} = b_C(n) S_n + contrib_n, S_0 = init (default 0): per chunk, the
+    state at its START.  With ``reverse``, the cotangent recursion S_{n-1} = b_C(n) S_n + contrib_n,
+    S_{N-1} = init: per chunk, the cotangent of the state at its END.  b_end None: no forgetting."""
 
     def step(s, x):
         contrib, b_end = x
-        return b_end[..., None, None] * s + contrib, s
+        return (s if b_end is None else b_end[..., None, None] * s) + contrib, s
 
-    return jax.lax.scan(step, jnp.zeros_like(contrib_nBHXD[0]), (contrib_nBHXD, b_end_nBH), reverse=reverse)
+    init = jnp.zeros_like(contrib_nBHXD[0]) if init is None else init
+    return jax.lax.scan(step, init, (contrib_nBHXD, b_end_nBH), reverse=reverse)
 
 
-def _mesa_chunks_forward(q_nBHCD, k_nBHCD, v_nBHCV, logg_nBHC, lam_H):
-    """Forward pass on chunked inputs: out [n, B, H, C, V] and everything the backward pass reuses."""
-    cum = jnp.cumsum(logg_nBHC, axis=-1)  # within-chunk log b_i
-    q_tilde, m, r0s, a0s = _precondition_chunks(q_nBHCD, k_nBHCD, cum, lam_H)
-    rel, to_end = _decay_within(cum)
-    b = jnp.exp(cum)
-    # G at the start of every chunk (linear-attention state sum w v k^T), then out_i = G_i q~_i
-    g_contrib = jnp.einsum("nbhl,nbhlv,nbhld->nbhvd", to_end, v_nBHCV, k_nBHCD)
-    g_end, g0s = _chunk_states(g_contrib, b[..., -1])
-    scores = rel * (q_tilde @ jnp.swapaxes(k_nBHCD, -1, -2))
-    out = b[..., None] * jnp.einsum("nbhvd,nbhid->nbhiv", g0s, q_tilde) + scores @ v_nBHCV
-    # A after the last token (for the recurrent state): A_0 of the last chunk plus that chunk's keys
-    b_end = b[-1, ..., -1, None, None]
-    a_end = b_end * a0s[-1] + jnp.einsum("bhl,bhld,bhle->bhde", to_end[-1], k_nBHCD[-1], k_nBHCD[-1])
-    return out, (q_tilde, m, r0s, g0s, scores, a_end, g_end)
+# Chunks per step of the forward-only scan: enough that a group's batched 64 x 64 products and factors hold
+# about this many matrices (B * H per chunk), few enough that its temporaries stay in cache.  On a 2-core CPU
+# batched 64 x 64 matmuls and factors cost 1.5-1.8x less per matrix at 128-512 matrices than at 1024-2048.
+GROUP_MATRICES = 256
+
+
+def _group_size(n: int, batch_heads: int) -> int:
+    """Chunks per group: about GROUP_MATRICES / (B H), at least 1, spread evenly over ceil(n / g) groups."""
+    g = max(1, min(n, GROUP_MATRICES // max(1, batch_heads)))
+    groups = -(-n // g)
+    return -(-n // groups)
+
+
+def _mesa_group_forward(lam_H, carry, xs):
+    """A batch of chunks: the chunk-start states from the carried state, then every chunk's solve and outputs.
+
+    carry = (S = [sum w k k^T | sum w k v^T] [B, H, D, D + V], log of the decay) over all earlier tokens;
+    xs = (q, k, v, log gamma or None) [g, B, H, C, ...].  Returns the carry after the batch and
+    (out, residuals of the backward pass: q~, M, R_0, G_0^T, scores)."""
+    s0, log_beta = carry
+    q, k, v, logg = xs
+    d = q.shape[-1]
+    cum = None if logg is None else jnp.cumsum(logg, axis=-1)  # within-chunk log b_i
+    b, rel, to_end = _decay_within(cum)
+    # A and G^T at every chunk's start in one recursion: contributions K^T W [K | V] [D, D + V]
+    contrib = jnp.einsum("nbhld,nbhle->nbhde", _scale(to_end, k), jnp.concatenate([k, v], axis=-1))
+    s_end, s0s = _chunk_states(contrib, None if b is None else b[..., -1], init=s0)
+    a0s, g0s_T = s0s[..., :d], s0s[..., d:]
+    # A_0 = beta I / lambda + the keys' sum, beta = the decay before the chunk
+    if cum is None:
+        beta = jnp.ones(q.shape[:3], q.dtype)
+    else:
+        beta = jnp.exp(log_beta + _decay_before_chunk(cum))
+        log_beta = log_beta + jnp.sum(cum[..., -1], axis=0)
+    a0s = a0s + (beta / lam_H)[..., None, None] * jnp.eye(d, dtype=q.dtype)
+    q_tilde, m, r0s = _precondition_chunks(q, k, b, a0s)
+    # out_i = b_i G_0 q~_i + sum_{l <= i} w_il (q~_i . k_l) v_l
+    scores = _causal(rel, q_tilde @ jnp.swapaxes(k, -1, -2))
+    out = _scale(b, q_tilde @ g0s_T) + scores @ v
+    return (s_end, log_beta), (out, (q_tilde, m, r0s, g0s_T, scores))
+
+
+def _mesa_chunks_forward(q_nBHCD, k_nBHCD, v_nBHCV, logg_nBHC, lam_H, grouped: bool):
+    """Forward pass on chunked inputs [n, B, H, C, ...] (log gamma None: no forgetting).
+
+    ``grouped``: a scan over groups of ``_group_size`` chunks (n a multiple of it), each group batched, so the
+    temporaries are a group's and stay in cache; the forward-only path.  Otherwise all chunks at once (the
+    custom VJP's forward, whose residuals dominate its memory anyway).  Returns out [n, B, H, C, V], the
+    residuals the backward pass reuses ([n, ...]) and the state (A, G) after the last token."""
+    n, bsz, h, _, d = q_nBHCD.shape
+    dtype = q_nBHCD.dtype
+    init = (jnp.zeros((bsz, h, d, d + v_nBHCV.shape[-1]), dtype), jnp.zeros((bsz, h), dtype))
+    body = functools.partial(_mesa_group_forward, lam_H)
+    xs = (q_nBHCD, k_nBHCD, v_nBHCV, logg_nBHC)
+    if grouped:
+        g = _group_size(n, bsz * h)
+        assert n % g == 0, (n, g)
+        grouped_xs = jax.tree_util.tree_map(lambda x: x.reshape((n // g, g) + x.shape[1:]), xs)
+        (s_end, log_beta), (out, res) = jax.lax.scan(body, init, grouped_xs)
+        out, res = jax.tree_util.tree_map(lambda x: x.reshape((n,) + x.shape[2:]), (out, res))
+    else:
+        (s_end, log_beta), (out, res) = body(init, xs)
+    a_end = s_end[..., :d] + (jnp.exp(log_beta) / lam_H)[..., None, None] * jnp.eye(d, dtype=dtype)
+    return out, res, (a_end, jnp.swapaxes(s_end[..., d:], -1, -2))
 
 
 def _chunked_inputs(q_BTHD, k_BTHD, v_BTHD, logg_BTH, chunk: int):
-    """[B, T, H, ...] -> [n, B, H, C, ...], zero-padded: zero q/k/v and log gamma = 0 change no state."""
-    return tuple(to_chunks(x, chunk) for x in (q_BTHD, k_BTHD, v_BTHD, logg_BTH))
+    """[B, T, H, ...] -> [n, B, H, C, ...], zero-padded to a whole number of the forward's groups of chunks
+    (``_group_size``): zero q/k/v and log gamma = 0 change no state.  log gamma None stays None."""
+    bsz, t, h = q_BTHD.shape[:3]
+    n = -(-t // chunk)
+    n = -(-n // _group_size(n, bsz * h)) * _group_size(n, bsz * h)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, n * chunk - t)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+    return tuple(None if x is None else to_chunks(pad(x), chunk) for x in (q_BTHD, k_BTHD, v_BTHD, logg_BTH))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _mesa_chunked_core(q_BTHD, k_BTHD, v_BTHD, logg_BTH, lam_H, chunk: int):
-    out = _mesa_chunks_forward(*_chunked_inputs(q_BTHD, k_BTHD, v_BTHD, logg_BTH, chunk), lam_H)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _mesa_chunked_core(q_BTHD, k_BTHD, v_BTHD, logg_BTH, lam_H, chunk: int, decay: bool):
+    """The forward-only path: the grouped scan (no residuals kept).  Without ``decay`` log gamma is ignored."""
+    logg = logg_BTH if decay else None
+    out = _mesa_chunks_forward(*_chunked_inputs(q_BTHD, k_BTHD, v_BTHD, logg, chunk), lam_H, grouped=True)[0]
     return from_chunks(out, q_BTHD.shape[1])
 
 
-def _mesa_chunked_core_fwd(q_BTHD, k_BTHD, v_BTHD, logg_BTH, lam_H, chunk: int):
-    out, (q_tilde, m, r0s, g0s, scores, _, _) = _mesa_chunks_forward(
-        *_chunked_inputs(q_BTHD, k_BTHD, v_BTHD, logg_BTH, chunk), lam_H
-    )
+def _mesa_chunked_core_fwd(q_BTHD, k_BTHD, v_BTHD, logg_BTH, lam_H, chunk: int, decay: bool):
+    logg = logg_BTH if decay else None
+    out, saved, _ = _mesa_chunks_forward(*_chunked_inputs(q_BTHD, k_BTHD, v_BTHD, logg, chunk), lam_H, grouped=False)
     # the unchunked inputs are kept (no copies); the backward pass re-chunks them
-    return from_chunks(out, q_BTHD.shape[1]), (q_BTHD, k_BTHD, v_BTHD, logg_BTH, lam_H, q_tilde, m, r0s, g0s, scores)
+    return from_chunks(out, q_BTHD.shape[1]), (q_BTHD, k_BTHD, v_BTHD, logg_BTH, lam_H, *saved)
 
 
-def _mesa_chunked_core_bwd(chunk: int, res, d_out_BTHV):
+def _mesa_chunked_core_bwd(chunk: int, decay: bool, res, d_out_BTHV):
     q, k, v, logg, lam_H, *saved = res
     t = q.shape[1]
-    grads = _mesa_chunks_bwd((*_chunked_inputs(q, k, v, logg, chunk), lam_H, *saved), to_chunks(d_out_BTHV, chunk))
-    dq, dk, dv, dlogg, dlam = grads
-    return from_chunks(dq, t), from_chunks(dk, t), from_chunks(dv, t), from_chunks(dlogg, t), dlam
+    chunked = _chunked_inputs(q, k, v, logg if decay else None, chunk)
+    dq, dk, dv, dlogg, dlam = _mesa_chunks_bwd((*chunked, lam_H, *saved), to_chunks(d_out_BTHV, chunk))
+    dlogg = jnp.zeros_like(logg) if dlogg is None else from_chunks(dlogg, t)
+    return from_chunks(dq, t), from_chunks(dk, t), from_chunks(dv, t), dlogg, dlam
 
 
 def _mesa_chunks_bwd(res, d_out_nBHCV):
@@ -304,33 +370,35 @@ def _mesa_chunks_bwd(res, d_out_nBHCV):
       d lambda = sum_t b_t / lambda^2 (dq_t.q~_t),
       d log gamma_s = sum_{t>=s} [q~_t.u_t - k_t.dk^G_t - dq_t.q_t - k_t.dk^A_t / 2]
     (dk^G, dk^A: the parts of dk from G and from A; the last line differentiates the pair weights
-    w_tl = exp(c_t - c_l), c_t = sum_{s<=t} log gamma_s).
+    w_tl = exp(c_t - c_l), c_t = sum_{s<=t} log gamma_s).  log gamma None (no forgetting): d log gamma None.
     """
-    q, k, v, logg, lam_H, q_tilde, m, r0s, g0s, scores = res
+    q, k, v, logg, lam_H, q_tilde, m, r0s, g0s_T, scores = res
     d_out = d_out_nBHCV
-    cum = jnp.cumsum(logg, axis=-1)
-    b = jnp.exp(cum)
-    rel, to_end = _decay_within(cum)
+    d = q.shape[-1]
+    cum = None if logg is None else jnp.cumsum(logg, axis=-1)
+    b, rel, to_end = _decay_within(cum)
     k_T = jnp.swapaxes(k, -1, -2)
     # u_t = G_t^T dout_t and dq_t = A_t^{-1} u_t, all chunks at once
     dout_v_raw = d_out @ jnp.swapaxes(v, -1, -2)  # [i, l] = dout_i.v_l
-    dout_v = rel * dout_v_raw
-    u = b[..., None] * jnp.einsum("nbhvd,nbhiv->nbhid", g0s, d_out) + dout_v @ k
+    dout_v = _causal(rel, dout_v_raw)
+    u = _scale(b, d_out @ jnp.swapaxes(g0s_T, -1, -2)) + dout_v @ k
     dq = _causal_solve(r0s, m, u, b)
-    # cotangents of the states at every chunk's end, from the later chunks
-    a_contrib = -jnp.einsum("nbhi,nbhid,nbhie->nbhde", b, dq, q_tilde)
-    g_contrib = jnp.einsum("nbhi,nbhiv,nbhid->nbhvd", b, d_out, q_tilde)
-    _, a_bar = _chunk_states(a_contrib, b[..., -1], reverse=True)
-    _, g_bar = _chunk_states(g_contrib, b[..., -1], reverse=True)
+    # cotangents of the states at every chunk's end, from the later chunks: [A | G^T] in one recursion
+    contrib = jnp.einsum("nbhid,nbhie->nbhde", _scale(b, q_tilde), jnp.concatenate([-dq, d_out], axis=-1))
+    _, s_bar = _chunk_states(contrib, None if b is None else b[..., -1], reverse=True)
+    a_bar, g_bar_T = s_bar[..., :d], s_bar[..., d:]  # [D, D] and [D, V]
     # scores[i, l] = w_il q~_i.k_l (saved by the forward pass)
     dq_k_raw = dq @ k_T  # [i, l] = dq_i.k_l
     scores_T = jnp.swapaxes(scores, -1, -2)
-    dv = scores_T @ d_out + to_end[..., None] * (k @ jnp.swapaxes(g_bar, -1, -2))
-    state_g = v @ g_bar  # from G after the chunk
+    dv = scores_T @ d_out + _scale(to_end, k @ g_bar_T)
+    state_g = v @ jnp.swapaxes(g_bar_T, -1, -2)  # from G after the chunk
     state_a = k @ (a_bar + jnp.swapaxes(a_bar, -1, -2))  # from A after the chunk
-    dk = jnp.swapaxes(dout_v - rel * dq_k_raw, -1, -2) @ q_tilde - scores_T @ dq + to_end[..., None] * (
-        state_g + state_a
+    dk = jnp.swapaxes(_causal(rel, dout_v_raw - dq_k_raw), -1, -2) @ q_tilde - scores_T @ dq + _scale(
+        to_end, state_g + state_a
     )
+    if cum is None:
+        dlam = jnp.einsum("nbhid,nbhid->h", dq, q_tilde) / lam_H**2
+        return dq, dk, dv, None, dlam.astype(lam_H.dtype)
     # k_l.dk^G_l and k_l.dk^A_l without forming dk^G, dk^A: column sums over the pair matrices
     k_dk_g = jnp.sum(dout_v_raw * scores, axis=-2) + to_end * jnp.sum(k * state_g, axis=-1)
     k_dk_a = -2 * jnp.sum(dq_k_raw * scores, axis=-2) + to_end * jnp.sum(k * state_a, axis=-1)
@@ -353,19 +421,24 @@ def mesa_chunked(q_BTHD, k_BTHD, v_BTHD, lam_H, gamma_BTH=None, chunk_size: int 
     """Exact chunked parallel form with a hand-written backward pass; T need not be a multiple of C.
 
     Forward (``_mesa_chunks_forward``): the chunk-boundary states (A, G) by an additive recursion, then
-    every chunk's solve and outputs, all chunks at once.  Backward (``_mesa_chunks_bwd``): matrix products
-    only, reusing the forward's factors.  Stored for the backward pass: q~, M = L^{-1} K R_0 and the
-    in-chunk scores (O(T (D + C))) and the chunk states R_0, G_0 (O((T/C) D^2)) per head.
+    every chunk's solve and outputs, batched over chunks: a scan over groups of chunks when only the output is
+    needed, all chunks at once under differentiation.  Backward (``_mesa_chunks_bwd``): matrix products only,
+    reusing the forward's factors.  Stored for the backward pass: q~, M = L^{-1} K R_0 and the in-chunk scores
+    (O(T (D + C))) and the chunk states R_0, G_0 (O((T/C) D^2)) per head.  Without forgetting (gamma None) the
+    decay factors are left out of the computation rather than multiplied in as ones.
     Returns out [B, T, H, V], and with ``return_state`` also the MesaState after the last token."""
     check_mesa_args(lam_H, gamma_BTH, chunk_size)
     t = q_BTHD.shape[1]
     c = min(chunk_size, t)
     logg_BTH = _log_gamma(gamma_BTH, q_BTHD)
     lam_H = lam_H.astype(q_BTHD.dtype)
+    decay = gamma_BTH is not None
     if return_state:
-        out, (*_, a_end, g_end) = _mesa_chunks_forward(*_chunked_inputs(q_BTHD, k_BTHD, v_BTHD, logg_BTH, c), lam_H)
+        logg = logg_BTH if decay else None
+        out, _, (a_end, g_end) = _mesa_chunks_forward(*_chunked_inputs(q_BTHD, k_BTHD, v_BTHD, logg, c), lam_H,
+                                                      grouped=True)
         return from_chunks(out, t), MesaState(spd_inverse(a_end), g_end)
-    return _mesa_chunked_core(q_BTHD, k_BTHD, v_BTHD, logg_BTH, lam_H, c)
+    return _mesa_chunked_core(q_BTHD, k_BTHD, v_BTHD, logg_BTH, lam_H, c, decay)
 
 
 # ----------------------------------------------------------------------------- recurrent decoding

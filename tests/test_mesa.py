@@ -101,6 +101,22 @@ def test_decoding_equals_the_parallel_form():
     np.testing.assert_allclose(out, full[:, -1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("gamma_low", [None, 0.85])
+def test_forward_only_path_equals_the_custom_vjp_path(monkeypatch, gamma_low):
+    """Without differentiation mesa_chunked runs a scan over groups of chunks (``grouped=True``); under jax.vjp
+    all chunks at once.  Both give the direct solution; here 3 chunks per group, 3 groups, the last padded."""
+    monkeypatch.setattr(mesa, "GROUP_MATRICES", 12)  # B H = 4 matrices per chunk -> groups of 3 chunks
+    q, k, v = inputs((2, 45, 2, 8), seed=11)
+    lam_h = np.array([0.3, 3.0])
+    gamma = None if gamma_low is None else np.random.default_rng(4).uniform(gamma_low, 1.0, size=(2, 45, 2))
+    args = (f32(q), f32(k), f32(v), f32(lam_h), f32(gamma))
+    assert mesa._group_size(7, 4) == 3
+    forward_only = mesa.mesa_chunked(*args, chunk_size=7)
+    with_vjp, _ = jax.vjp(lambda *a: mesa.mesa_chunked(*a, f32(gamma), chunk_size=7), *args[:4])
+    np.testing.assert_allclose(forward_only, with_vjp, rtol=1e-5, atol=1e-5)
+    assert rel_err(forward_only, direct_mesa(q, k, v, lam_h, gamma)) < 1e-4
+
+
 def test_small_lambda_is_scaled_linear_attention():
     """As lambda -> 0, A^{-1} -> lambda I and the layer becomes lambda * linear attention."""
     q, k, v = (jnp.asarray(x, jnp.float32) for x in inputs((1, 12, 1, 4), seed=0))
