@@ -219,8 +219,13 @@ def test_shipped_comparisons_have_equal_budgets_and_sizes():
     specs = [load_lm_spec(p) for p in LM_SPECS]
     assert {(s.train.steps, s.train.batch_size, s.model.context) for s in specs} == {(1000, 16, 256)}
     two = {s.name: s for s in specs if s.name.startswith("lm-2l-")}
-    assert {s.model.layers for s in two.values()} == {("softmax", k) for k in ("softmax", "linear", "dpfp", "mesa")}
-    assert all(s.model.mlp for s in specs if s.name.startswith("lm-4l-"))
+    kinds = ("softmax", "linear", "dpfp", "mesa", "mesanet")
+    assert {s.model.layers for s in two.values()} == {("softmax", k) for k in kinds}
+    four = {s.name: s for s in specs if s.name.startswith("lm-4l-")}
+    assert {s.model.layers for s in four.values()} == {("softmax", k, k, k) for k in kinds if k != "linear"}
+    assert all(s.model.mlp for s in four.values())
+    sizes = {(s.model.embed_dim, s.model.num_heads, s.model.key_size) for s in [*two.values(), *four.values()]}
+    assert len(sizes) == 1  # the 2- and 4-layer comparisons differ in their layers only
 
 
 @pytest.mark.parametrize("override, fragment", [
