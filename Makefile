@@ -43,9 +43,9 @@ BENCH_TRAIN_SPECS ?= lsa1_constructed lsa2_constructed lsa4_constructed lsa6_con
 bench-train: install  ## s/step, matmul GFLOP/step and mfu of the paper specs' training steps; bench_train.json (~5 min CPU)
 	$(VENV)/bin/mesacli bench-train $(BENCH_TRAIN_SPECS) --out bench_train.json
 
-lm-compare: install  ## 2-layer language models (softmax then softmax/linear/DPFP/mesa), equal budgets (~20 min CPU)
+lm-compare: install  ## 2-layer language models (softmax then softmax/linear/DPFP/mesa/MesaNet), equal budgets (~35 min CPU)
 	$(VENV)/bin/mesacli lm compare experiments/lm-2l-softmax.yaml experiments/lm-2l-linear.yaml \
-		experiments/lm-2l-dpfp.yaml experiments/lm-2l-mesa.yaml --out-dir runs/lm-compare
+		experiments/lm-2l-dpfp.yaml experiments/lm-2l-mesa.yaml experiments/lm-2l-mesanet.yaml --out-dir runs/lm-compare
 
 # The paper's full-size section-4 and section-5 experiments, end to end (resumable: rerun after an interruption).
 # RUNS sets where the run directories go; TRAIN_ARGS is passed to every `mesacli train` (e.g. --set train.steps=100).
