@@ -136,17 +136,22 @@ def bench_table(result: dict) -> Table:
 
 
 def seeds_bench_table(results: list[dict], seeds: int, steps: int, repeats: int) -> Table:
-    """`mesacli bench-seeds`: steps/s of 1 seed, S seeds in one program and S sequential runs."""
+    """`mesacli bench-seeds`: steps/s of 1 seed, S seeds in one program and S sequential runs (wall), and the CPU
+    time per replica-step of each."""
     table = Table(title=f"training throughput on {results[0]['devices']} {results[0]['platform']} device(s), "
-                        f"median of {repeats} x {steps} steps")
+                        f"median of {repeats} interleaved rounds of {steps} steps")
     for column in ("spec", "batch", "1 seed steps/s", f"{seeds} seeds in one program: steps/s",
-                   "replica-steps/s", f"{seeds} sequential runs: replica-steps/s", "speed-up", "compile s (1 / S)"):
+                   "replica-steps/s", f"{seeds} sequential runs: replica-steps/s", "speed-up",
+                   "CPU ms per replica-step (1 / S)", "speed-up (CPU time)", "replica group", "compile s (1 / S)"):
         table.add_column(column, justify="left" if column == "spec" else "right")
     for r in results:
-        table.add_row(r["spec"], str(r["batch_size"]), f"{r['one_seed']['steps_per_s']:.2f}",
-                      f"{r['one_program']['steps_per_s']:.2f}", f"{r['one_program']['replica_steps_per_s']:.2f}",
+        one, many = r["one_seed"], r["one_program"]
+        table.add_row(r["spec"], str(r["batch_size"]), f"{one['steps_per_s']:.2f}",
+                      f"{many['steps_per_s']:.2f}", f"{many['replica_steps_per_s']:.2f}",
                       f"{r['sequential_runs']['replica_steps_per_s']:.2f}", f"{r['speedup_vs_sequential']:.2f}x",
-                      f"{r['one_seed']['compile_s']:.1f} / {r['one_program']['compile_s']:.1f}")
+                      f"{1e3 * one['cpu_s']:.1f} / {1e3 * many['cpu_s_per_replica']:.1f}",
+                      f"{r['speedup_vs_sequential_cpu']:.2f}x", str(many["replica_group"]),
+                      f"{one['compile_s']:.1f} / {many['compile_s']:.1f}")
     return table
 
 

@@ -7,7 +7,9 @@ from a checkpoint therefore follows exactly the curve of an uninterrupted run.
 Seeds in one program (``train.seeds = S > 1``): parameters and optimiser state carry a leading replica
 axis, the step is ``vmap``-ed over it, and replica i uses seed ``train.seed + i`` for its init and its
 data, so it equals the plain run with that seed.  The mesh is then ("replica", "data"): the replica
-axis is sharded over gcd(S, devices) devices, the batch of every replica over the rest.
+axis is sharded over gcd(S, devices) devices, the batch of every replica over the rest.  On a CPU whose
+replica axis is one device the replicas' gradients are computed in a ``lax.scan`` over groups of
+``step_replica_group`` replicas (vmapped within a group) rather than all at once (see ``auto_replica_group``).
 """
 
 from __future__ import annotations
@@ -72,31 +74,69 @@ def step_micro_batch(spec: Spec, mesh: Mesh) -> int | None:
     return auto_micro_batch(spec.train.batch_size, spec.task.seq_len, platform, mesh.shape["data"])
 
 
-def make_train_step(spec: Spec, mesh: Mesh) -> Callable[[dict], tuple[dict, dict]]:
+def auto_replica_group(seeds: int, batch_size: int, micro_batch: int | None, seq_len: int, platform: str,
+                       replica_devices: int = 1) -> int:
+    """How many of a ``train.seeds = S`` step's replicas compute their gradients together (vmapped), the groups
+    taking turns in a ``lax.scan``: on a CPU whose replica axis is one device, the largest divisor g of S whose g
+    replicas' passes hold at most max(8, 1600 // T) sequences together (g x the replica's micro-batch, or its
+    batch when it takes one pass), at least 1; all S elsewhere (an accelerator, or replicas spread over devices).
+
+    Why: on a CPU the step is fastest when one pass over the model holds about 1,600 tokens (``auto_micro_batch``);
+    vmapping all S replicas multiplies that working set by S.  With 8 replicas of the T=50 paper specs (micro-batch
+    32) vmapped, a replica-step cost 1.2-1.3x the CPU time of the plain step; a scan over single replicas costs
+    what the plain step does (BENCHMARKS.md, issue 20).  Each replica's update is unchanged (same batch, same
+    micro-batches), so replica i still equals the plain run with seed + i."""
+    if seeds <= 1 or platform != "cpu" or replica_devices > 1:
+        return seeds
+    budget = max(AUTO_MICRO_BATCH_MIN, AUTO_MICRO_BATCH_TOKENS // seq_len)
+    per_replica = batch_size if micro_batch is None else min(micro_batch, batch_size)
+    return max((g for g in range(1, seeds + 1) if seeds % g == 0 and g * per_replica <= budget), default=1)
+
+
+def step_replica_group(spec: Spec, mesh: Mesh) -> int:
+    """The replica group of ``spec``'s training step on ``mesh`` (``auto_replica_group``; 1 without seeds).  Like the
+    micro-batch, an execution setting: not written into the spec."""
+    platform = mesh.devices.flat[0].platform
+    replica_devices = mesh.shape.get("replica", 1)
+    return auto_replica_group(spec.train.seeds, spec.train.batch_size, step_micro_batch(spec, mesh),
+                              spec.task.seq_len, platform, replica_devices)
+
+
+def make_train_step(spec: Spec, mesh: Mesh, replica_group: int | None = None) -> Callable[[dict], tuple[dict, dict]]:
     """The one jitted step: sample the step's batch on device (sharded over "data"), AdamW update
     (gradients accumulated over micro-batches of ``step_micro_batch(spec, mesh)`` sequences: ``train.micro_batch``
     when set, else chosen for the platform by ``auto_micro_batch``).
 
     With ``train.seeds`` > 1 the replica step is ``vmap``-ed over the stacked params, optimiser states
-    and seeds (metrics then have a leading replica axis)."""
+    and seeds (metrics then have a leading replica axis); with a ``replica_group`` g below the number of replicas
+    (default ``step_replica_group``: on a CPU) the gradients are computed g replicas at a time in a ``lax.scan``,
+    then the optimiser updates all replicas at once."""
     tx = make_optimizer(spec.train)
     schedule = make_schedule(spec.train)
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     micro_batch = step_micro_batch(spec, mesh)
 
-    def replica_step(params, opt_state, step, seed):
+    def replica_grads(params, step, seed):
         batch = tasks.sample_batch(tasks.data_key(seed, step), spec, spec.train.batch_size)
         batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-        loss, grads = loop.accumulated_value_and_grad(lambda p, b: loss_fn(p, b, spec), params, batch,
-                                                 micro_batch, batch_sharding)
+        return loop.accumulated_value_and_grad(lambda p, b: loss_fn(p, b, spec), params, batch,
+                                               micro_batch, batch_sharding)
+
+    def replica_update(params, opt_state, loss, grads):
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree_util.tree_leaves(params)]))
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "params_finite": finite}
 
+    def replica_step(params, opt_state, step, seed):
+        return replica_update(params, opt_state, *replica_grads(params, step, seed))
+
     stacked = spec.train.seeds > 1
-    if stacked:
+    group = (replica_group or step_replica_group(spec, mesh)) if stacked else 1
+    if stacked and group >= spec.train.seeds:
         replica_step = jax.vmap(replica_step, in_axes=(0, 0, None, 0), spmd_axis_name="replica")
+    elif stacked:
+        replica_step = partial(_grouped_replica_step, replica_grads, replica_update, spec.train.seeds, group)
     seeds = jnp.array(rundir.replica_seeds(spec.train)) if stacked else spec.train.seed
     shardings = state_sharding(spec, mesh)
     per_replica = shardings["params"]
@@ -110,6 +150,24 @@ def make_train_step(spec: Spec, mesh: Mesh) -> Callable[[dict], tuple[dict, dict
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return train_step
+
+
+def _grouped_replica_step(replica_grads: Callable, replica_update: Callable, seeds: int, group: int,
+                          params, opt_state, step, seed_array):
+    """The stacked step with the gradients of ``group`` replicas at a time (vmapped within a group, one replica
+    unvmapped) in a ``lax.scan`` over the ``seeds // group`` groups, then one vmapped optimiser update."""
+    if seeds % group:
+        raise ValueError(f"the replica group ({group}) must divide the number of seeds ({seeds})")
+    grads_of = (lambda p, s: replica_grads(p, step, s)) if group == 1 else jax.vmap(
+        lambda p, s: replica_grads(p, step, s))
+    split = (lambda x: x) if group == 1 else (lambda x: x.reshape(seeds // group, group, *x.shape[1:]))
+    merge = (lambda x: x) if group == 1 else (lambda x: x.reshape(seeds, *x.shape[2:]))
+
+    def body(_, xs):
+        return None, grads_of(*xs)
+
+    _, (loss, grads) = jax.lax.scan(body, None, (jax.tree.map(split, params), split(seed_array)))
+    return jax.vmap(replica_update)(params, opt_state, merge(loss), jax.tree.map(merge, grads))
 
 
 # ----------------------------------------------------------------------------- train

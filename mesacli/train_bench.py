@@ -147,20 +147,24 @@ class PreparedStep:
     jitted: Callable  # train.make_train_step's jitted function: state -> (state, metrics)
     state: dict
     micro_batch: int | None = None  # the step's micro-batch (train.step_micro_batch: the spec's, else automatic)
+    replica_group: int = 1  # replicas whose gradients are computed together (train.step_replica_group)
 
 
-def prepare_train_step(spec: Spec) -> PreparedStep:
+def prepare_train_step(spec: Spec, replica_group: int | None = None) -> PreparedStep:
     """``spec``'s training step as `mesacli train` builds it: a mesh over every device (replicas for
-    ``train.seeds``), the initial state, the jitted step."""
+    ``train.seeds``), the initial state, the jitted step (``replica_group``: see ``train.make_train_step``; default
+    automatic, as training uses)."""
     from mesacli.sharding import check_batch_divides, make_mesh
     from mesacli.state import init_state
-    from mesacli.train import make_train_step, step_micro_batch
+    from mesacli.train import make_train_step, step_micro_batch, step_replica_group
 
     mesh = make_mesh(replicas=spec.train.seeds)
     check_batch_divides(spec.train.batch_size, mesh)
     if spec.train.micro_batch is not None:
         check_batch_divides(spec.train.micro_batch, mesh, "train.micro_batch")
-    return PreparedStep(spec, make_train_step(spec, mesh), init_state(spec, mesh), step_micro_batch(spec, mesh))
+    group = min(replica_group or step_replica_group(spec, mesh), spec.train.seeds)
+    return PreparedStep(spec, make_train_step(spec, mesh, group), init_state(spec, mesh),
+                        step_micro_batch(spec, mesh), group)
 
 
 def compile_step(prepared: PreparedStep) -> tuple[Any, float]:
@@ -236,7 +240,8 @@ def bench_spec(spec: Spec, steps: int, repeats: int, report: Callable[[str], Non
         "spec": spec.name, "batch_size": t.batch_size, "seq_len": spec.task.seq_len,
         "micro_batch": prepared.micro_batch,
         "micro_batch_auto": t.micro_batch is None and prepared.micro_batch is not None,
-        "seeds": t.seeds, "params": count_params(prepared.state["params"]) // t.seeds,
+        "seeds": t.seeds, "replica_group": prepared.replica_group,
+        "params": count_params(prepared.state["params"]) // t.seeds,
         "layers": spec.model.layers, "attention": spec.model.attention,
         "compile_s": compile_s, "first_step_s": first_s,
         "s_per_step": s_per_step, "steps_per_s": 1 / s_per_step, "block_s_per_step": blocks,

@@ -79,3 +79,44 @@ def test_seeds_bench_reports_throughput(tmp_path):
     result = run_seeds_bench(tiny_spec(), seeds=2, steps=2, repeats=1)
     assert result["one_program"]["replica_steps_per_s"] == pytest.approx(2 * result["one_program"]["steps_per_s"])
     assert result["speedup_vs_sequential"] > 0 and result["one_seed"]["compile_s"] > 0
+
+
+@pytest.mark.parametrize(("seeds", "batch", "micro", "seq_len", "platform", "replica_devices", "expected"), [
+    (8, 256, 32, 50, "cpu", 1, 1),  # the T=50 paper specs: one replica's micro-batch of 32 fills the 1,600 tokens
+    (8, 256, 16, 50, "cpu", 1, 2),
+    (8, 16, None, 50, "cpu", 1, 2),  # one pass of 16 sequences: 2 replicas together
+    (3, 8, None, 8, "cpu", 1, 3),  # small replicas: all vmapped
+    (6, 8, None, 50, "cpu", 1, 3),  # the largest divisor of the seeds that fits
+    (8, 256, None, 50, "cpu", 1, 1),  # one pass larger than the budget: one replica at a time
+    (8, 256, 32, 50, "gpu", 1, 8),  # accelerators: every replica at once
+    (8, 256, 32, 50, "cpu", 2, 8),  # replicas spread over devices: vmapped as before
+    (1, 256, 32, 50, "cpu", 1, 1),
+])
+def test_auto_replica_group(seeds, batch, micro, seq_len, platform, replica_devices, expected):
+    from mesacli.train import auto_replica_group
+
+    assert auto_replica_group(seeds, batch, micro, seq_len, platform, replica_devices) == expected
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the replica groups are a CPU setting")
+@pytest.mark.parametrize(("seeds", "batch", "group"), [(3, 64, 1), (4, 16, 2)])
+def test_replicas_in_groups_equal_the_plain_runs(seeds, batch, group):
+    """On a CPU the replicas of the T=50 specs take turns (groups of step_replica_group, scanned); replica i still
+    equals the plain run with seed + i, and the program equals the one that vmaps every replica."""
+    from mesacli.train import step_replica_group
+
+    sections = dict(task={"seq_len": 50}, model={"attention": "softmax"}, train={"batch_size": batch, "seed": 2})
+    spec = tiny_spec(**{**sections, "train": {**sections["train"], "seeds": seeds}})
+    mesh = make_mesh(replicas=seeds)
+    assert step_replica_group(spec, mesh) == group
+    grouped, grouped_losses = run_steps(spec, 3)
+    state, vmapped_step = init_state(spec, mesh), make_train_step(spec, mesh, replica_group=seeds)
+    for _ in range(3):
+        state, _ = vmapped_step(state)
+    for a, b in zip(jax.tree_util.tree_leaves(grouped), jax.tree_util.tree_leaves(jax.device_get(state)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for i, (seed, params) in enumerate(replicas(spec, grouped["params"])):
+        plain, plain_losses = run_steps(tiny_spec(**{**sections, "train": {**sections["train"], "seed": seed}}), 3)
+        np.testing.assert_allclose(grouped_losses[:, i], plain_losses, rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(plain["params"]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
