@@ -140,6 +140,9 @@ def test_lambda_line_search_picks_the_least_loss_on_its_batches():
 FAST = {"prop2_train_steps": 30, "prop2_k": 2, "prop2_window": 3}
 
 
+# slow (27 s together): the default suite covers the model-free path end to end in
+# test_the_ledger_produces_model_free_entries_without_training
+@pytest.mark.slow
 @pytest.mark.parametrize("task, names", [(PARTIAL, ["concat", "naive"]), (NONLINEAR, ["mlp", "naive"])])
 def test_model_free_prop2_records_each_baseline_with_its_features_and_lambda(tmp_path, task, names):
     spec = tiny(task)

@@ -99,7 +99,7 @@ def test_auto_replica_group(seeds, batch, micro, seq_len, platform, replica_devi
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the replica groups are a CPU setting")
-@pytest.mark.parametrize(("seeds", "batch", "group"), [(3, 64, 1), (4, 16, 2)])
+@pytest.mark.parametrize(("seeds", "batch", "group"), [(3, 64, 1), pytest.param(4, 16, 2, marks=pytest.mark.slow)])
 def test_replicas_in_groups_equal_the_plain_runs(seeds, batch, group):
     """On a CPU the replicas of the T=50 specs take turns (groups of step_replica_group, scanned); replica i still
     equals the plain run with seed + i, and the program equals the one that vmaps every replica."""
