@@ -154,7 +154,7 @@ def test_gradients_match_autodiff_of_the_float64_reference(solver):
         assert max_rel_err(g, r) <= 1e-5, name  # measured: <= 5e-7
 
 
-@pytest.mark.parametrize("solver", ["exact", "cg"])
+@pytest.mark.parametrize("solver", ["exact", pytest.param("cg", marks=pytest.mark.slow)])
 def test_gradients_match_central_finite_differences(solver):
     """The implicit gradient of sum(o * c), in float64, along a random direction of all inputs at once (q, k, v,
     log_gamma, beta, Lambda; gates kept inside their ranges) against a central finite difference of the op
