@@ -188,6 +188,7 @@ def check_faults_then_resume(name: str, faults: list[str], tmp_path: Path, train
     assert_same_values(job.values(), reference_values(name, tmp_path, trained_model))
 
 
+@pytest.mark.faults  # 27 s; make test-faults repeats every signal on train (test_repeated_faults_at_random_moments)
 def test_train_survives_ctrl_c_kill_9_and_sigterm_at_random_moments(tmp_path, trained_model):
     check_faults_then_resume("train", ["SIGINT", "SIGKILL", "SIGTERM"], tmp_path, trained_model, seed=0)
 
