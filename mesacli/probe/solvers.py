@@ -291,6 +291,21 @@ def run(ctx: RunContext) -> dict:
     return _run_variants(ctx, variants) if variants else _run_raw(ctx)
 
 
+def _curves_and_cosines(ctx, spec, batches, preds: dict, curves: dict, title: str) -> dict:
+    """Adds each prediction's per-position loss to ``curves``, plots them (prop2_loss.png) and returns each
+    prediction's cosine with the model's predictions ({} without a trained model)."""
+    from mesacli.probe import figures
+
+    curves.update({name: loss_curve(p, batches) for name, p in preds.items()})
+    cosines = {}
+    if ctx.params is not None:
+        model_preds = model_predictions(ctx.params, spec, batches)
+        cosines = {name: prediction_cosines(model_preds, p) for name, p in preds.items()}
+    figures.loss_curves(curves, ctx.out_dir / "prop2_loss.png",
+                        f"{spec.name}: {title}" + (" vs the model" if cosines else ""))
+    return cosines
+
+
 def _run_raw(ctx: RunContext) -> dict:
     """Fully observed linear tasks: GD-1, Neumann and Chebyshev solvers on s_t at lambda = 1e-3, exact ridge LSQ."""
     from mesacli.probe import figures
@@ -321,13 +336,7 @@ def _run_raw(ctx: RunContext) -> dict:
     if k == 6:
         preds["Chebyshev k=6 (paper's alpha, beta)"] = solver_predictions(batches, *PAPER_CHEBYSHEV_LINEAR, lam)
     preds[f"exact ridge LSQ (lam={lam:g})"] = [baselines.ridge_predictions(o, lam) for o in obs]
-    curves.update({name: loss_curve(p, batches) for name, p in preds.items()})
-    cosines = {}
-    if ctx.params is not None:
-        model_preds = model_predictions(ctx.params, spec, batches)
-        cosines = {name: prediction_cosines(model_preds, p) for name, p in preds.items()}
-    figures.loss_curves(curves, ctx.out_dir / "prop2_loss.png",
-                        f"{spec.name}: Proposition-2 solvers (k={k} steps)" + (" vs the model" if cosines else ""))
+    cosines = _curves_and_cosines(ctx, spec, batches, preds, curves, f"Proposition-2 solvers (k={k} steps)")
     if hist_n:
         figures.steps_curves({"Neumann (learned alpha)": tuple(map(np.array, zip(*hist_n, strict=True))),
                               "Chebyshev (learned alpha, beta)": tuple(map(np.array, zip(*hist_c, strict=True)))},
@@ -391,13 +400,7 @@ def _run_variants(ctx: RunContext, variants: list[Variant]) -> dict:
         found[v.name] = {"features": v.features, "window": v.window, "lambda": lam, "lambda_grid": list(v.lambdas),
                          "lambda_search_loss": search_losses, "alpha": alphas, "beta": betas, "curve": label,
                          "ridge_curve": ridge_label, "paper_t50": v.paper_t50}
-    curves.update({name: loss_curve(p, batches) for name, p in preds.items()})
-    cosines = {}
-    if ctx.params is not None:
-        model_preds = model_predictions(ctx.params, spec, batches)
-        cosines = {name: prediction_cosines(model_preds, p) for name, p in preds.items()}
-    figures.loss_curves(curves, ctx.out_dir / "prop2_loss.png",
-                        f"{spec.name}: Proposition-2 baselines (k={k} steps)" + (" vs the model" if cosines else ""))
+    cosines = _curves_and_cosines(ctx, spec, batches, preds, curves, f"Proposition-2 baselines (k={k} steps)")
     if any(histories.values()):
         figures.steps_curves({name: tuple(map(np.array, zip(*h, strict=True))) for name, h in histories.items() if h},
                              ctx.out_dir / "prop2_training.png", f"{spec.name}: learning the solver coefficients")
