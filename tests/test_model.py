@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,3 +83,24 @@ def test_mesa_forms_and_forgetting_options_agree_inside_the_model():
         np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
         by_forget[forget] = outs[1]
     assert np.abs(by_forget["fixed"] - by_forget["none"]).max() > 1e-2  # forgetting changes the function
+
+
+def test_mlp_uses_the_tanh_gelu_of_the_authors_code():
+    """Block with an MLP: e + W_2 gelu_tanh(W_1 e) (flax nn.gelu's default form), checked against numpy."""
+    common = {"layers": 1, "input_proj": False, "output_proj": False, "embed_dim": 4, "init_std": 0.4}
+    spec = tiny_spec(model={**common, "mlp": True, "mlp_hidden": 6})
+    attn_only = tiny_spec(model=common)
+    params = model.init(jax.random.PRNGKey(0), spec)
+    block = params["blocks"][0]
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 4))
+    _, aux = model.apply(params, x, spec)
+    _, aux_attn = model.apply({"blocks": [{k: v for k, v in block.items() if not k.startswith("mlp")}]}, x,
+                              attn_only)
+    e = np.asarray(aux_attn["residual_LBTE"][1], dtype=np.float64)
+    u = e @ np.asarray(block["mlp_in"], dtype=np.float64)
+    gelu = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3)))
+    expected = e + gelu @ np.asarray(block["mlp_out"], dtype=np.float64)
+    np.testing.assert_allclose(np.asarray(aux["residual_LBTE"][1]), expected, rtol=1e-5, atol=2e-5)
+    erf_gelu = 0.5 * u * (1 + np.vectorize(math.erf)(u / np.sqrt(2)))
+    erf_form = e + erf_gelu @ np.asarray(block["mlp_out"], dtype=np.float64)
+    assert np.abs(expected - erf_form).max() > 5e-4  # the erf form lies outside that tolerance
