@@ -2,9 +2,16 @@
 
 Token probe: regress the layer-1 output at t = min(50, T) onto s_{t'} for t' = t-7..t with an
 unregularised bias-free least-squares map; report the element-mean squared error (no 1/2) and R^2,
-averaged over data seeds.  Attention maps: the first block's per-head weights averaged over
-sequences (for linear attention these are the raw scores q_t^T k_{t'}; for a chunked mesa-layer the
-sequential Sherman-Morrison form is used, which records them).
+averaged over data seeds.  This is the authors' ``tokenanalyser.py`` item by item: the block-1 output after
+the residual add (their ``activations[1]``: input projection + first attention layer, nothing clipped),
+the raw observations s_{t'} as targets (their ``data[:, probe_token]``, not normalised), float32-precision
+``lstsq`` fitted and scored on one batch of 256 (no split, no ridge), ``mean((X W - Y)^2)`` over batch and
+dims, probe_token = 49 (0-based) = t 50 and t' = 43..50; R^2 as their ``r2_score_batch`` (per-dimension
+R^2 about the batch mean, then the mean over dimensions); 5 data seeds.
+
+Attention maps: the first block's per-head weights averaged over sequences (for linear attention these
+are the raw scores q_t^T k_{t'}; for a chunked mesa-layer the sequential Sherman-Morrison form is used,
+which records them).
 """
 
 from __future__ import annotations
@@ -15,12 +22,21 @@ import jax
 import numpy as np
 
 from mesacli import model
-from mesacli.probe.common import LSTSQ_CUTOFF, RunContext, fmt, lstsq_probe, probe_batch, r_squared
+from mesacli.probe.common import LSTSQ_CUTOFF, RunContext, fmt, lstsq_probe, probe_batch
 
 TITLE = "Token binding (first layer)"
 DESCRIPTION = "token binding: layer-1 output probed on s_{t'}, layer-1 attention maps"
 
 LAGS = 8  # t' = t-7 .. t
+
+
+def r_squared_per_dim(pred_BS: np.ndarray, y_BS: np.ndarray) -> float:
+    """The authors' ``r2_score_batch``: 1 - SS_res / SS_tot per dimension (SS_tot about the batch mean), averaged
+    over dimensions (not the pooled common.r_squared)."""
+    y = np.asarray(y_BS, np.float64)
+    ss_res = np.sum((y - np.asarray(pred_BS, np.float64)) ** 2, axis=0)
+    ss_tot = np.sum((y - y.mean(axis=0)) ** 2, axis=0)
+    return float(np.mean(1.0 - ss_res / ss_tot))
 
 
 def run(ctx: RunContext) -> dict:
@@ -53,7 +69,7 @@ def run(ctx: RunContext) -> dict:
             w, _ = lstsq_probe(x, obs[:, tp - 1])
             pred = x @ w
             row_mse.append(float(np.mean((pred - obs[:, tp - 1]) ** 2)))
-            row_r2.append(r_squared(pred, obs[:, tp - 1]))
+            row_r2.append(r_squared_per_dim(pred, obs[:, tp - 1]))
         mse.append(row_mse)
         r2.append(row_r2)
     mse_m, r2_m = np.mean(mse, axis=0), np.mean(r2, axis=0)
@@ -82,7 +98,8 @@ def run(ctx: RunContext) -> dict:
         "paper": {"claim": "the first (softmax) layer binds s_t with a few past tokens (the last 1-2 are decodable "
                            "from its output, older ones less); its attention maps show a diagonal plus a "
                            "sub-diagonal (Fig. 3A)"},
-        "notes": note + "MSE is the element mean (no 1/2), fitted and scored on the same batch.",
+        "notes": note + "MSE is the element mean (no 1/2), fitted and scored on the same batch; R^2 is the mean over "
+                        "dimensions of the per-dimension R^2 (the authors' r2_score_batch).",
     }
 
 

@@ -4,9 +4,11 @@ For block l, record its input (after LayerNorm when the model has one) and its a
 sum_h P_h attn_h(x) on fresh batches of the original model, fit a linear-attention layer of the same
 shape (W_q, W_k, W_v [E, H, D], W_o [H, D, E]; a softmax_pe layer's replacement keeps the positional
 encodings concatenated to its query/key inputs, W_q, W_k [2E, H, D], as the authors' code does: kind
-"linear_pe") by Adam (lr 1e-3 constant, as the paper) on the squared error summed
-over dims and averaged over batch and time, then report test loss(model with block l replaced) /
-test loss(original).  The MLP, LayerNorm and clipping of the block are kept.
+"linear_pe") with the authors' optimizer (linearizer.py ``optim_lin``: elementwise gradient clip at 1, then
+AdamW at a constant lr 1e-3 with weight decay 0.05) on their ``_compute_loss``, the squared error summed over
+dims / (2 B T), on fresh batches of 64; then report test loss(model with block l replaced) / test
+loss(original).  One block at a time, every other weight frozen (as [C]).  The MLP, LayerNorm and clipping
+of the block are kept.
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ def init_replacement(key, spec: Spec, kind: str = "linear", std: float = 0.05):
     return {name: std * jax.random.normal(k, shape) for k, (name, shape) in zip(keys, shapes.items(), strict=True)}
 
 
+DISTIL_GRAD_CLIP = 1.0  # [C] experiment_config.optim.grad_clip (optax.clip: elementwise)
+DISTIL_WEIGHT_DECAY = 0.05  # [C] experiment_config.optim.weight_decay of 'linearize_full' ('probing_full')
+DISTIL_OPTIMIZER = "clip(1) + adamw(wd 0.05), constant lr"  # recorded; records without it used plain Adam
+
+
+def distil_optimizer(lr: float) -> optax.GradientTransformation:
+    """[C] src/optim.py with use_schedule=False: chain(clip(grad_clip), adamw(peak_lr, weight_decay))."""
+    return optax.chain(optax.clip(DISTIL_GRAD_CLIP), optax.adamw(lr, weight_decay=DISTIL_WEIGHT_DECAY))
+
+
 def distil_layer(params, spec: Spec, layer: int, *, steps: int, lr: float = 1e-3, batch_size: int = 64,
                  init: str = "random", log_every: int = 100):
     """Fit a linear-attention block to block ``layer``'s attention output; returns (replacement, history)."""
@@ -68,9 +80,9 @@ def distil_layer(params, spec: Spec, layer: int, *, steps: int, lr: float = 1e-3
     def loss_fn(r, batch):
         h, target = jax.lax.stop_gradient(layer_io(params, batch.tokens_BTI, spec, layer))
         out, _ = model.attention_block(r, h, spec, kind, qk_norm=m.qk_norm and layer > 0)
-        return jnp.mean(jnp.sum((out - target) ** 2, axis=-1))
+        return 0.5 * jnp.mean(jnp.sum((out - target) ** 2, axis=-1))  # [C] _compute_loss: sum / (2 B T)
 
-    repl, history = fit_on_fresh_batches(repl, optax.adam(lr), loss_fn, spec, data_key, steps=steps,
+    repl, history = fit_on_fresh_batches(repl, distil_optimizer(lr), loss_fn, spec, data_key, steps=steps,
                                          batch_size=batch_size, log_every=log_every)
     return repl, history
 
@@ -115,6 +127,7 @@ def run(ctx: RunContext) -> dict:
         "distil_steps": steps,
         "pe_layer_replacement": "linear_pe",  # a softmax_pe layer is replaced by linear attention with its PE
         "distil_lr": lr,
+        "distil_optimizer": DISTIL_OPTIMIZER,
         "init": init,
         "original_loss": original,
         "per_layer": rows,
@@ -122,8 +135,9 @@ def run(ctx: RunContext) -> dict:
         "paper": {"claim": "replacing a single softmax layer of the trained Softmax-7 by a distilled linear-attention "
                            "layer costs little except in the first layer(s) (Fig. 5A; ratio near 1), i.e. most "
                            "layers behave like linear attention (15k distillation steps per layer)"},
-        "notes": f"{steps} Adam steps (lr {lr:g}) per layer on fresh batches of 64 (paper: 15k); init {init}; "
-                 "test loss on the spec's fixed test batches.",
+        "notes": f"{steps} steps of clip(1) + AdamW (lr {lr:g} constant, weight decay {DISTIL_WEIGHT_DECAY:g}) per "
+                 f"layer on fresh batches of 64 (paper: 15k) of the distillation loss sum over dims / (2 B T); init "
+                 f"{init}; test loss on the spec's fixed test batches.",
     }
 
 
