@@ -9,7 +9,9 @@ to every input: q, k, v, log gamma, beta and Lambda).  Memory is the compiled ex
 (arguments + outputs + temporaries - aliased), so a configuration that would not fit is skipped before it runs.
 MesaNet kernels run on flash-linear-attention's test distribution (``make_mesanet_inputs``); the CG kernels'
 rows also report the forward solve's CG steps per query (mean, max) and its largest relative residual.
-Shapes: B batch, T time, H heads, D head size.
+``fwd_gflop`` / ``fwd_bwd_gflop``: matmul FLOPs of one call counted in its jaxpr (``flops.count_flops``), so a
+time ratio can be read against the work ratio (the chunked mesa-layer's forward does 3.3x the matmul FLOPs of
+chunked linear attention at D = C = 64).  Shapes: B batch, T time, H heads, D head size.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 
 from mesacli import runtime
 from mesacli.errors import MesaError
+from mesacli.flops import count_flops
 
 MIB = 2**20
 GIB = 2**30
@@ -279,7 +282,8 @@ def bench_length(config: BenchConfig, t: int, dtype, report: Callable[[str], Non
     rows, jobs, inputs = {}, {}, {}
     for name in config.kernels:
         row = rows[name] = {"kernel": name, "T": t, "fwd_ms": None, "fwd_bwd_ms": None, "fwd_mem_mib": None,
-                            "fwd_bwd_mem_mib": None, "skipped": None, "note": None, **dict.fromkeys(STAT_KEYS)}
+                            "fwd_bwd_mem_mib": None, "fwd_gflop": None, "fwd_bwd_gflop": None, "skipped": None,
+                            "note": None, **dict.fromkeys(STAT_KEYS)}
         kernel = KERNELS[name]
         make = kernel.inputs or make_inputs
         if make not in inputs:
@@ -291,6 +295,7 @@ def bench_length(config: BenchConfig, t: int, dtype, report: Callable[[str], Non
             report(f"T={t}: compiling {name} {part.replace('_', '+')}")
             compiled = _compile(functions[part], part_args)
             row[f"{part}_mem_mib"] = _mib(compiled.mem_bytes)
+            row[f"{part}_gflop"] = count_flops(jax.make_jaxpr(functions[part])(*part_args)).matmul / 1e9
             if compiled.mem_bytes is not None and compiled.mem_bytes > limit:
                 skipped.append(f"{part.replace('_', '+')} needs {compiled.mem_bytes / GIB:.1f} GiB")
             else:
@@ -316,7 +321,7 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Per row: time and memory relative to chunked linear attention at the same T, and for mesa_chunked
+    """Per row: time, memory and matmul FLOPs relative to chunked linear attention at the same T, and for mesa_chunked
     the speed-up over mesa_sequential (sequential time / chunked time); None where a number is missing."""
     by_key = {(r["kernel"], r["T"]): r for r in rows}
     out = []
@@ -327,7 +332,7 @@ def ratios(rows: list[dict]) -> list[dict]:
             "kernel": r["kernel"],
             "T": r["T"],
             **{f"{k}_vs_linear": _ratio(r[k], base.get(k))
-               for k in ("fwd_ms", "fwd_bwd_ms", "fwd_mem_mib", "fwd_bwd_mem_mib")},
+               for k in ("fwd_ms", "fwd_bwd_ms", "fwd_mem_mib", "fwd_bwd_mem_mib", "fwd_gflop", "fwd_bwd_gflop")},
             "seq_over_chunked_fwd": _ratio(seq.get("fwd_ms"), r["fwd_ms"]),
             "seq_over_chunked_fwd_bwd": _ratio(seq.get("fwd_bwd_ms"), r["fwd_bwd_ms"]),
         })

@@ -101,8 +101,9 @@ def _cg_steps(row: dict) -> str:
 
 
 def bench_table(result: dict) -> Table:
-    """`mesacli bench`: one row per (T, kernel): times, memory, ratios to chunked linear attention, mesa speed-up
-    and, when a MesaNet CG kernel ran, its CG steps per query (mean / max) and largest relative residual."""
+    """`mesacli bench`: one row per (T, kernel): times, memory, time / memory / matmul-FLOP ratios to chunked linear
+    attention, mesa speed-up and, when a MesaNet CG kernel ran, its CG steps per query (mean / max) and largest
+    relative residual."""
     cfg = result["config"]
     with_cg = any(row.get("cg_steps_max") is not None for row in result["rows"])
     table = Table(title=f"attention kernels on {cfg['device']} (B={cfg['batch']}, H={cfg['heads']}, "
@@ -111,10 +112,11 @@ def bench_table(result: dict) -> Table:
                   title_justify="left")
     for name, justify in [("T", "right"), ("kernel", "left"), ("fwd ms", "right"), ("fwd+bwd ms", "right"),
                           ("fwd MiB", "right"), ("fwd+bwd MiB", "right"), ("time ×linear\nfwd / fwd+bwd", "right"),
-                          ("memory ×linear\nfwd / fwd+bwd", "right"), ("seq ÷ chunked\nfwd / fwd+bwd", "right"),
+                          ("memory ×linear\nfwd / fwd+bwd", "right"), ("FLOP ×linear\nfwd / fwd+bwd", "right"),
+                          ("seq ÷ chunked\nfwd / fwd+bwd", "right"),
                           *([("CG steps\nmean / max", "right"), ("CG max\nresidual", "right")] if with_cg else []),
                           ("note", "left")]:
-        table.add_column(name, justify=justify)
+        table.add_column(name, justify=justify, no_wrap=name == "kernel")
     last_t = None
     for row, ratio in zip(result["rows"], result["ratios"], strict=True):
         if last_t is not None and row["T"] != last_t:
@@ -126,6 +128,7 @@ def bench_table(result: dict) -> Table:
             _number(row["fwd_mem_mib"], 1), _number(row["fwd_bwd_mem_mib"], 1),
             _ratio_pair(ratio["fwd_ms_vs_linear"], ratio["fwd_bwd_ms_vs_linear"]),
             _ratio_pair(ratio["fwd_mem_mib_vs_linear"], ratio["fwd_bwd_mem_mib_vs_linear"]),
+            _ratio_pair(ratio["fwd_gflop_vs_linear"], ratio["fwd_bwd_gflop_vs_linear"]),
             "" if row["kernel"] != "mesa_chunked" else _ratio_pair(ratio["seq_over_chunked_fwd"],
                                                                   ratio["seq_over_chunked_fwd_bwd"]),
             *([_cg_steps(row), "" if row.get("cg_residual_max") is None else f"{row['cg_residual_max']:.1e}"]

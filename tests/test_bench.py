@@ -57,11 +57,27 @@ def test_ratios_are_relative_to_chunked_linear_attention(tiny_result):
         row, base = by_key[(ratio["kernel"], ratio["T"])], by_key[("linear_chunked", ratio["T"])]
         assert ratio["fwd_bwd_ms_vs_linear"] == pytest.approx(row["fwd_bwd_ms"] / base["fwd_bwd_ms"])
         assert ratio["fwd_mem_mib_vs_linear"] == pytest.approx(row["fwd_mem_mib"] / base["fwd_mem_mib"])
+        assert ratio["fwd_gflop_vs_linear"] == pytest.approx(row["fwd_gflop"] / base["fwd_gflop"])
         if ratio["kernel"] == "mesa_chunked":
             seq = by_key[("mesa_sequential", ratio["T"])]
             assert ratio["seq_over_chunked_fwd"] == pytest.approx(seq["fwd_ms"] / row["fwd_ms"])
         else:
             assert ratio["seq_over_chunked_fwd"] is None
+
+
+def test_matmul_flops_of_chunked_linear_attention_match_the_formula(tiny_result):
+    """Chunked linear attention, per chunk and head: Q K^T and (masked scores) V, Q S and the state update K^T V,
+    i.e. 2 (C^2 D + C^2 V + 2 C D V) FLOPs (D = V); the mesa-layer's counts exceed it."""
+    result, _ = tiny_result
+    c, d = TINY.chunk_size, TINY.d_head
+    for row in result["rows"]:
+        if row["kernel"] == "linear_chunked":
+            chunks = -(-row["T"] // c)
+            assert row["fwd_gflop"] * 1e9 == pytest.approx(chunks * TINY.batch * TINY.heads * 2 * (2 * c * c * d
+                                                                                                     + 2 * c * d * d))
+            assert row["fwd_bwd_gflop"] > 2 * row["fwd_gflop"]
+    mesa = [r for r in result["ratios"] if r["kernel"] == "mesa_chunked"]
+    assert mesa and all(r["fwd_gflop_vs_linear"] > 1.5 for r in mesa)
 
 
 def test_benchmarked_mesa_forms_compute_the_mesa_layer():

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mesacli.train_bench import count_flops, prepare_train_step, step_flops
+from mesacli.flops import count_flops
+from mesacli.train_bench import prepare_train_step, step_flops
 from tests.conftest import assert_one_line_error, invoke, tiny_spec
 
 
