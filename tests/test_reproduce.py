@@ -96,7 +96,7 @@ def test_metrics_read_the_records_that_eval_probe_and_icl_eval_write(tmp_path):
     (run / "eval_step10.json").write_text(json.dumps({  # the latest step wins (10 > 3, not text order)
         "step": 10, "seq_avg_loss": float(np.mean(curve)), "per_position_loss": curve,
         "baselines": {"GD-1 (eta=0.03)": [2.0, 1.5, 1.0, 0.9], "ridge LSQ (lam=0.001)": [1.0, 0.1, 0.01, 0.001]}}))
-    probes = {"step": 10, "precond": "chebyshev", "lstsq_cutoff": "float32", "mse": {
+    probes = {"step": 10, "precond": "chebyshev", "precond_coefficients": "raw", "lstsq_cutoff": "float32", "mse": {
         "next s_{t+1}": [[3, 3, 3, 3], [2, 2, 1, 2], [1, 1, 0.5, 2.5]],
         "precond (SS^T+lam I)^{-1} s_t": [[5, 5, 5, 5], [4, 4, 4, 4], [6, 6, 6, 6]],
         "current s_t": [[0, 0, 0, 0]] * 3}}
@@ -130,6 +130,10 @@ def test_metrics_read_the_records_that_eval_probe_and_icl_eval_write(tmp_path):
     exact = json.loads((run / "probe" / "probes.json").read_text()) | {"precond": "exact"}
     (run / "probe" / "probes.json").write_text(json.dumps(exact))
     assert read("probe.precond.layer1.t1") is None  # the exact solve is not the paper's target: not measured
+    unnamed = exact | {"precond": "chebyshev"}
+    del unnamed["precond_coefficients"]  # a record from before the coefficient set followed the token format
+    (run / "probe" / "probes.json").write_text(json.dumps(unnamed))
+    assert read("probe.precond.layer1.t1") is None
     old = json.loads((run / "probe" / "binding.json").read_text())
     del old["lstsq_cutoff"]  # a record of the probe before round-off directions were cut: made again
     (run / "probe" / "binding.json").write_text(json.dumps(old))

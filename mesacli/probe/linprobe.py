@@ -31,14 +31,32 @@ DESCRIPTION = "linear probes per layer/position: s_{t+1}, s_t, preconditioned s_
 TARGETS = ("next s_{t+1}", "precond (SS^T+lam I)^{-1} s_t", "current s_t")
 
 
-def preconditioned_inputs(obs_BTS: np.ndarray, lam: float, method: str) -> np.ndarray:
-    """The probe target (ii): exact float64 solve, or the paper's learned 6-step Chebyshev inverse [C]."""
+def chebyshev_coefficients(token_format: str) -> tuple[str, tuple, tuple]:
+    """(name, alphas, betas) of the paper's learned 6-step Chebyshev inverse that its probe uses for a token format.
+
+    [C] probes the constructed-token LSA-6 with the coefficients learned for constructed tokens
+    (run_construction_experiments.ipynb: ``ProbeLayers(..., inv_fn=batched_chebyshev(steps=6, alphas=[1.0257748,
+    3.2508426, ...]))``) and the raw-token Softmax-7 with those learned for raw tokens (``alphas7_f`` from
+    cheb_params.pkl, run_probing_experiments_full_fledged.ipynb).  The two differ most where S_{t-1} S_{t-1}^T is
+    ill-conditioned: LSA-6's input-layer probe at t = 10 is 0.65 with the constructed set, 0.75 with the raw one
+    (paper 0.61); at t = 20, 0.0546 against 0.0589 (paper 0.054)."""
+    from mesacli.probe.solvers import PAPER_CHEBYSHEV_CONSTRUCTED, PAPER_CHEBYSHEV_LINEAR
+
+    if token_format == "constructed":
+        return ("constructed", *PAPER_CHEBYSHEV_CONSTRUCTED)
+    return ("raw", *PAPER_CHEBYSHEV_LINEAR)
+
+
+def preconditioned_inputs(obs_BTS: np.ndarray, lam: float, method: str, token_format: str = "raw") -> np.ndarray:
+    """The probe target (ii), (S_{t-1} S_{t-1}^T + lam I)^{-1} s_t with S_{t-1} = [s_1 .. s_{t-1}] (the tokens
+    before t; none at t = 1): exact float64 solve, or the paper's learned 6-step Chebyshev inverse [C] with the
+    coefficients [C] uses for ``token_format`` (``chebyshev_coefficients``)."""
     if method == "exact":
         return preconditioned_exact(obs_BTS, lam)
     if method == "chebyshev":
-        from mesacli.probe.solvers import PAPER_CHEBYSHEV_LINEAR, chebyshev_preconditioned
+        from mesacli.probe.solvers import chebyshev_preconditioned
 
-        alphas, betas = PAPER_CHEBYSHEV_LINEAR
+        _, alphas, betas = chebyshev_coefficients(token_format)
         return chebyshev_preconditioned(obs_BTS, lam, alphas, betas)
     raise MesaError(f"unknown preconditioner '{method}' (use exact or chebyshev)")
 
@@ -82,7 +100,8 @@ def run(ctx: RunContext) -> dict:
         batch = probe_batch(spec, seed, ctx.batch_size)
         obs, tgt = np.asarray(batch.obs_BTS, np.float64), np.asarray(batch.targets_BTS, np.float64)
         res = np.asarray(residuals(params, batch.tokens_BTI), np.float64)
-        errors, control = probe_errors(res, obs, tgt, preconditioned_inputs(obs, lam, method))
+        errors, control = probe_errors(res, obs, tgt,
+                                       preconditioned_inputs(obs, lam, method, spec.task.token_format))
         all_errors.append(errors)
         all_control.append(control)
     errors = np.mean(all_errors, axis=0)  # [3, L+1, T]
@@ -107,6 +126,9 @@ def run(ctx: RunContext) -> dict:
         "seeds": ctx.seeds,
         "batch_size": ctx.batch_size,
         "precond": method,
+        # the Chebyshev coefficient set of the target (None: exact solve); records without it used the raw-token
+        # set on every task
+        "precond_coefficients": chebyshev_coefficients(spec.task.token_format)[0] if method == "chebyshev" else None,
         "lambda": lam,
         "targets": list(TARGETS),
         "layers": layers.tolist(),
@@ -118,7 +140,8 @@ def run(ctx: RunContext) -> dict:
         "paper": {"claim": "target-probe and preconditioning-probe errors fall with depth while the current-token "
                            "probe error rises; the control stays flat (~1.64) (Fig. 4, Softmax-7 / LSA-6)"},
         "notes": "MSE = sum over dims / (2 B) on the fitting batch (no held-out split), as [C]; "
-                 "precond target rows with norm z-score >= 2 dropped; index 0 = input layer.",
+                 "precond target rows with norm z-score >= 2 dropped; index 0 = input layer; position t is 1-based "
+                 "([C]'s index t - 1) and S_{t-1} holds the tokens before t.",
     }
 
 
@@ -128,7 +151,9 @@ def summary(r: dict) -> list[str]:
     at = r["at_positions"][t]
     names = r["targets"]
     lines = [f"Probe MSE (sum over dims / 2B) at t = {t}, by layer (0 = input), {r['seeds']} data seeds, "
-             f"batch {r['batch_size']}, preconditioner {r['precond']}:", "",
+             f"batch {r['batch_size']}, preconditioner {r['precond']}"
+             + (f" ({r['precond_coefficients']}-token coefficients)" if r.get("precond_coefficients") else "")
+             + ":", "",
              "| target | " + " | ".join(f"layer {layer}" for layer in r["layers"]) + " |",
              "|---|" + "---|" * len(r["layers"])]
     for name in names:

@@ -143,13 +143,14 @@ def _probe_reader(name: str, value: Callable[[dict], Any], folder: str = PROBE_D
 def probe_record_current(name: str, record: dict) -> bool:
     """Whether a probe record follows the paper's definitions: least-squares probes that cut float32 round-off
     (probes, binding), the preconditioning probe's target through the paper's learned Chebyshev inverse
-    (``--precond auto`` on the ledger's tasks, not the exact solve), and a PE layer linearised with its
-    positional encodings.  Older records are made again."""
+    (``--precond auto`` on the ledger's tasks, not the exact solve) with the coefficients [C] learned for the
+    task's token format (``precond_coefficients``; before, the raw-token set on every task), and a PE layer
+    linearised with its positional encodings.  Older records are made again."""
     if name in ("probes", "binding") and record.get("lstsq_cutoff") != LSTSQ_CUTOFF:
         return False
     if name == "linearize" and record.get("pe_layer_replacement") != "linear_pe":
         return False  # before, a PE layer's replacement lost its positional encodings
-    return name != "probes" or record.get("precond") == "chebyshev"
+    return name != "probes" or (record.get("precond") == "chebyshev" and bool(record.get("precond_coefficients")))
 
 
 def variant_curve(record: dict, variant: str) -> list[float]:
