@@ -284,7 +284,8 @@ def probe(
     precond: str = typer.Option("auto", help="Preconditioned-input probe target (S S^T + lam I)^-1 s_t: chebyshev "
                                              "(the paper's: its learned 6-step inverse), exact (float64 solve), or "
                                              "auto = chebyshev on fully observed linear tasks, else exact."),
-    prop2_steps: int = typer.Option(2000, help="Adam steps to learn the Prop-2 solver coefficients (paper: 20k)."),
+    prop2_steps: Optional[int] = typer.Option(None, help="AdamW steps ([C]'s recipe) to learn the Prop-2 solver "
+                                                         "coefficients (default: the paper's, 20k; 80k for k = 2)."),
     prop2_k: Optional[int] = typer.Option(None, help="Prop-2 solver steps k (default: model layers - 1)."),
     gd1_phi0_steps: int = typer.Option(0, help="prop1: also fit GD-1 with a learned Phi_0 for this many Adam steps."),
     distil_steps: int = typer.Option(2000, help="Adam steps per layer for the linearize analysis (paper: 15k)."),
@@ -296,9 +297,11 @@ def probe(
     """Reverse-engineer a trained run (paper section 4): writes RUN_DIR/probe/*.json, *.png and summary.md."""
     from mesacli.probe import run_probe
 
-    options = {"precond": precond, "prop2_train_steps": prop2_steps, "distil_steps": distil_steps,
+    options = {"precond": precond, "distil_steps": distil_steps,
                "distil_lr": distil_lr,
                "interpolation_steps": interpolation_steps, "gd1_phi0_steps": gd1_phi0_steps}
+    if prop2_steps is not None:
+        options["prop2_train_steps"] = prop2_steps
     if prop2_k is not None:
         options["prop2_k"] = prop2_k
     report = (lambda message: err_console.print(message, highlight=False)) if progress else None

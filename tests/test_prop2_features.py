@@ -66,15 +66,78 @@ def test_mlp_features_are_the_teachers_normalised_mlp_output():
 def test_the_paper_baselines_per_task_and_the_lambda_grids():
     assert solvers.lambda_grid(10.0) == (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
     assert solvers.lambda_grid(1.0)[-1] == 1.0 and solvers.lambda_grid(100.0)[-1] == 100.0
-    partial = solvers.variants_for(tiny(PARTIAL).task)
+    partial = solvers.variants_for(tiny(PARTIAL).task, search=True)
     assert [(v.name, v.features, v.window, v.lambdas[-1]) for v in partial] == [
         ("concat", "concat", 16, 10.0), ("naive", "raw", None, 100.0)]
+    # by default lambda = 1e-3, the lambda of [C]'s stored Fig. 7B/C curves
+    assert all(v.lambdas == (1e-3,) for task in (PARTIAL, NONLINEAR) for v in solvers.variants_for(tiny(task).task))
     assert [(v.name, v.features) for v in solvers.variants_for(tiny(NONLINEAR).task)] == [
         ("mlp", "mlp"), ("naive", "raw")]
     assert solvers.variants_for(tiny({"kind": "linear"}).task) == []  # the fully observed analysis as before
 
 
 # ----------------------------------------------------------------------------- the solver
+
+
+def authors_lsq_solver(feat_BTF, labels_BTL, lam, alphas=None, betas=None):
+    """[C]'s LeastSquaresSequenceSolver (src/models/auxiliary_models.py: least_squares_seq_pred_single_seq with
+    invert_matrix_chebyshev, or jnp.linalg.inv without alphas), transcribed loop for loop in float64 numpy: the
+    data of token t (0-based) are shifted_data[:t] (the features one position back, a zero first) against
+    labels[:t], and the prediction is feat[t] @ w_hat."""
+    b_, t_, f = feat_BTF.shape
+    out = np.zeros((b_, t_, labels_BTL.shape[-1]))
+    for b in range(b_):
+        shifted = np.concatenate([np.zeros((1, f)), feat_BTF[b, :-1]])
+        for token in range(t_):
+            x, y = shifted[:token], labels_BTL[b, :token]
+            a = x.T @ x + lam * np.eye(f)
+            if alphas is None:
+                inv = np.linalg.inv(a)
+            else:
+                norm = np.linalg.norm(a)
+                a, eye = a / norm, np.eye(f)
+                inv = term = prev = eye
+                for alpha, beta in zip(alphas, betas, strict=True):
+                    term = term @ (eye - alpha * a)
+                    momentum = beta * (inv - prev)
+                    prev = inv
+                    inv = inv + term + momentum
+                inv = inv / norm
+            out[b, token] = feat_BTF[b, token] @ (inv @ (x.T @ y))
+    return out
+
+
+def test_the_solver_and_its_ridge_reference_follow_the_authors_pairs():
+    """prop2_predictions and ridge_pair_predictions use [C]'s data matrix (one pair fewer than L_t: nothing to
+    regress on before t = 3), on s_t and on concatenated observations (there [C] regresses the whole z_{t'} and
+    reads its first n_s entries, which is regressing s_{t'})."""
+    rng = np.random.default_rng(5)
+    obs = rng.uniform(-1, 1, size=(3, 9, 2))
+    alphas, betas = list(solvers.PAPER_CHEBYSHEV_LINEAR[0][:4]), list(solvers.PAPER_CHEBYSHEV_LINEAR[1][:4])
+    for phi, lam in ((obs, 1e-3), (np.asarray(solvers.concat_features(obs, 3, xp=np)), 0.7)):
+        want = authors_lsq_solver(phi, phi, lam, alphas, betas)[..., :2]
+        with jax.enable_x64(True):
+            got = np.asarray(solvers.prop2_predictions(jnp.asarray(obs), jnp.asarray(alphas), jnp.asarray(betas),
+                                                       lam, jnp.asarray(phi)))
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+        assert np.all(got[:, :2] == 0) and np.all(np.abs(got[:, 2:]) > 0)
+        np.testing.assert_allclose(solvers.ridge_pair_predictions(obs, lam, phi),
+                                   authors_lsq_solver(phi, phi, lam)[..., :2], rtol=1e-8, atol=1e-10)
+    # current_pair: [P]'s L_t, the pairs up to (s_{t-1}, s_t) (as mesacli.baselines' ridge)
+    with jax.enable_x64(True):
+        both = [np.asarray(solvers.prop2_predictions(jnp.asarray(obs), jnp.asarray(alphas), jnp.asarray(betas),
+                                                     1e-3, current_pair=c)) for c in (False, True)]
+    incl = np.zeros_like(obs)
+    for t in range(obs.shape[1]):
+        x = np.concatenate([np.zeros_like(obs[:, :1]), obs[:, :t]], axis=1)  # s_0 = 0, s_1 .. s_t-1 (1-based)
+        y = obs[:, :t + 1]
+        a = np.einsum("btf,btg->bfg", x, x) + 1e-3 * np.eye(2)
+        inv = solvers.chebyshev_inverse(a, alphas, betas, xp=np)
+        incl[:, t] = np.einsum("bf,bfg,bgl->bl", obs[:, t], inv, np.einsum("btf,btl->bfl", x, y))
+    np.testing.assert_allclose(both[1], incl, rtol=1e-9, atol=1e-12)
+    assert not np.allclose(both[0], both[1])
+    np.testing.assert_allclose(solvers.ridge_pair_predictions(obs, 1e-3, current_pair=True),
+                               baselines.ridge_predictions(obs, 1e-3))
 
 
 def test_matrix_free_chebyshev_equals_the_explicit_inverse_on_features():
@@ -92,7 +155,7 @@ def test_matrix_free_chebyshev_equals_the_explicit_inverse_on_features():
                                want, rtol=1e-10, atol=1e-12)
     with jax.enable_x64(True):
         got = solvers.prop2_predictions(jnp.asarray(obs), jnp.asarray(alphas), jnp.asarray(betas), lam,
-                                        jnp.asarray(phi))
+                                        jnp.asarray(phi), current_pair=True)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-9, atol=1e-11)
 
 
@@ -137,7 +200,8 @@ def test_lambda_line_search_picks_the_least_loss_on_its_batches():
 # ----------------------------------------------------------------------------- model-free runs and the ledger
 
 
-FAST = {"prop2_train_steps": 30, "prop2_k": 2, "prop2_window": 3}
+FAST = {"prop2_train_steps": 30, "prop2_k": 2, "prop2_window": 3, "prop2_lr": 0.3,  # a peak lr for 30 steps
+        "prop2_lambda_search": True}
 
 
 # slow (27 s together): the default suite covers the model-free path end to end in
@@ -153,16 +217,18 @@ def test_model_free_prop2_records_each_baseline_with_its_features_and_lambda(tmp
     record = json.loads((run / "solver" / "prop2.json").read_text())
     assert record["model_free"] and record["step"] is None and record["train_steps"] == 30 and record["k"] == 2
     assert list(record["variants"]) == names and record["variants"] == result["variants"]
+    assert list(record["history"]) == names[:1]  # as [C]: alpha/beta learned on the informative features, reused
+    history = record["history"][names[0]]
+    assert np.mean([loss for _, loss in history[-3:]]) < history[0][1]  # AdamW makes progress
     for name in names:
         v = record["variants"][name]
+        assert (v["alpha"], v["beta"]) == (record["variants"][names[0]]["alpha"], record["variants"][names[0]]["beta"])
         assert v["lambda"] in v["lambda_grid"] and len(v["lambda_search_loss"]) == len(v["lambda_grid"])
         assert len(v["alpha"]) == 2 and len(v["beta"]) == 2
         assert v["window"] == (3 if v["features"] == "concat" else None)
         curve = record["per_position_loss"][v["curve"]]
         assert len(curve) == spec.task.seq_len and np.all(np.isfinite(curve))
         assert metrics.parse_metric(f"solver.prop2.{name}.t10").read(run).value == pytest.approx(curve[-1])
-        history = record["history"][name]
-        assert np.mean([loss for _, loss in history[-3:]]) < history[0][1]  # Adam makes progress
     assert not any(name.startswith("model") for name in record["per_position_loss"])
     from mesacli.train import train  # the model may be trained in the same run directory afterwards
 

@@ -42,7 +42,7 @@ class SpecPlan:
     icl_seeds: int = 5  # icl-eval --seeds (data seeds) and --batch (prompts per seed)
     icl_batch: int = 128
     distil_steps: int = 2000  # probe --distil-steps (linearize; the paper: 15k)
-    prop2_train_steps: int = 2000  # probe --prop2-steps (the paper: 20k)
+    prop2_train_steps: int = 20000  # probe --prop2-steps: AdamW steps of [C]'s recipe (the paper: 20k; 80k for k = 2)
     note: str = ""  # where the spec deviates from the paper
 
     def probe_options(self) -> dict:
