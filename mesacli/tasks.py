@@ -30,7 +30,7 @@ class Teacher(NamedTuple):
     c_SH: jax.Array
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def legacy_normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     """jax.random.normal(PRNGKey(seed), shape) (float32) as JAX drew it before 0.5.0, whatever this JAX's default.
 
