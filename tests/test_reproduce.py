@@ -379,3 +379,16 @@ def test_committed_results_are_resumable_runs_of_the_shipped_specs():
         run = RESULTS / name
         if run.is_dir():
             assert (run / "spec.yaml").is_file()
+
+
+def test_icl_figures_show_only_the_setting_their_checks_read():
+    """Fig. 8A (one task) must not draw the continual curves of Fig. 8B, and the other way round."""
+    from mesacli.reproduce.ledger import load_ledger
+    from mesacli.reproduce.report import icl_settings
+
+    entries = load_ledger().entries
+    fig8a = [e for e in entries if e.figure == "Fig. 8A"]
+    fig8b = [e for e in entries if e.figure == "Fig. 8B"]
+    assert icl_settings(fig8a) == {"icl_softmax7_t224": {False}}
+    assert icl_settings(fig8b) == {"icl_softmax7_t224": {True}}
+    assert icl_settings(fig8a + fig8b) == {"icl_softmax7_t224": {False, True}}

@@ -109,13 +109,26 @@ def _layer_figure(rows: list[EntryStatus], results_dir: Path, path: Path, figure
     return path
 
 
+def icl_settings(entries) -> dict[str, set[bool]]:
+    """Per spec, the few-shot settings the entries' checks read: False for icl.* (one task), True for
+    icl_continual.* (the task switch), so that a figure shows only its own setting's curves."""
+    settings: dict[str, set[bool]] = {}
+    for entry in entries:
+        for check in entry.checks:
+            if "icl_continual." in check:
+                settings.setdefault(entry.spec, set()).add(True)
+            if re.search(r"(^|[^_\w])icl\.", check):
+                settings.setdefault(entry.spec, set()).add(False)
+    return settings
+
+
 def _icl_figure(rows: list[EntryStatus], results_dir: Path, path: Path, figure: str) -> Path | None:
     """Label loss per example of the few-shot runs the figure's claims read (no paper numbers: claims)."""
     from mesacli import plots
 
     curves, dashed = {}, []
-    for spec in dict.fromkeys(r.entry.spec for r in rows if any("icl" in c for c in r.entry.checks)):
-        for continual in (False, True):
+    for spec, wanted in icl_settings([r.entry for r in rows]).items():
+        for continual in sorted(wanted):
             for kind, label in metrics.ICL_LABELS.items():
                 record = metrics.icl_record(Path(results_dir) / spec, label, continual)
                 if record is None:
