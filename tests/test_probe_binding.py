@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY, merge
 
 from mesacli import model
-from mesacli.probe import binding
+from mesacli.probe import binding, common
 from mesacli.probe.common import RunContext, probe_batch
 from mesacli.spec import spec_from_dict
 
@@ -75,9 +75,9 @@ def test_token_probe_matches_a_numpy_reference_of_the_authors_tokenanalyser(tmp_
     assert r["token_probe_mse"][-1] == min(r["token_probe_mse"])  # s_t itself is in x_t = W_in s_t + attention
 
 
-def test_r_squared_per_dim_is_the_mean_of_the_per_dimension_scores():
+def test_r_squared_is_the_mean_of_the_per_dimension_scores():
     rng = np.random.default_rng(0)
     y = rng.normal(size=(100, 2)) * np.array([1.0, 10.0])
     pred = y + rng.normal(size=(100, 2)) * np.array([0.5, 0.5])
     per_dim = [1 - np.sum((y[:, i] - pred[:, i]) ** 2) / np.sum((y[:, i] - y[:, i].mean()) ** 2) for i in range(2)]
-    assert binding.r_squared_per_dim(pred, y) == pytest.approx(np.mean(per_dim), rel=1e-12)
+    assert common.r_squared(pred, y) == pytest.approx(np.mean(per_dim), rel=1e-12)

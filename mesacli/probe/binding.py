@@ -22,21 +22,12 @@ import jax
 import numpy as np
 
 from mesacli import model
-from mesacli.probe.common import LSTSQ_CUTOFF, RunContext, fmt, lstsq_probe, probe_batch
+from mesacli.probe.common import LSTSQ_CUTOFF, RunContext, fmt, lstsq_probe, probe_batch, r_squared
 
 TITLE = "Token binding (first layer)"
 DESCRIPTION = "token binding: layer-1 output probed on s_{t'}, layer-1 attention maps"
 
 LAGS = 8  # t' = t-7 .. t
-
-
-def r_squared_per_dim(pred_BS: np.ndarray, y_BS: np.ndarray) -> float:
-    """The authors' ``r2_score_batch``: 1 - SS_res / SS_tot per dimension (SS_tot about the batch mean), averaged
-    over dimensions (not the pooled common.r_squared)."""
-    y = np.asarray(y_BS, np.float64)
-    ss_res = np.sum((y - np.asarray(pred_BS, np.float64)) ** 2, axis=0)
-    ss_tot = np.sum((y - y.mean(axis=0)) ** 2, axis=0)
-    return float(np.mean(1.0 - ss_res / ss_tot))
 
 
 def run(ctx: RunContext) -> dict:
@@ -69,7 +60,7 @@ def run(ctx: RunContext) -> dict:
             w, _ = lstsq_probe(x, obs[:, tp - 1])
             pred = x @ w
             row_mse.append(float(np.mean((pred - obs[:, tp - 1]) ** 2)))
-            row_r2.append(r_squared_per_dim(pred, obs[:, tp - 1]))
+            row_r2.append(r_squared(pred, obs[:, tp - 1]))
         mse.append(row_mse)
         r2.append(row_r2)
     mse_m, r2_m = np.mean(mse, axis=0), np.mean(r2, axis=0)

@@ -120,11 +120,12 @@ def lstsq_probe(x_BF: np.ndarray, y_BS: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def r_squared(pred_BS: np.ndarray, y_BS: np.ndarray) -> float:
-    """1 - SS_res / SS_tot, SS_tot about the per-dimension mean."""
+    """The authors' ``r2_score_batch``: 1 - SS_res / SS_tot per dimension (SS_tot about the batch mean), averaged
+    over dimensions (not pooled over them)."""
     y = np.asarray(y_BS, np.float64)
-    ss_res = np.sum((np.asarray(pred_BS, np.float64) - y) ** 2)
-    ss_tot = np.sum((y - y.mean(axis=0)) ** 2)
-    return float(1.0 - ss_res / ss_tot)
+    ss_res = np.sum((y - np.asarray(pred_BS, np.float64)) ** 2, axis=0)
+    ss_tot = np.sum((y - y.mean(axis=0)) ** 2, axis=0)
+    return float(np.mean(1.0 - ss_res / ss_tot))
 
 
 def zscore_keep(y_BS: np.ndarray, limit: float = 2.0) -> np.ndarray:
