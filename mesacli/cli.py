@@ -96,6 +96,11 @@ def train(
     seeds: Optional[int] = typer.Option(
         None, "--seeds", min=1,
         help="Train N seeds in one program (replica i = the plain run with train.seed + i); = --set train.seeds=N."),
+    start_from: Optional[Path] = typer.Option(
+        None, "--start-from", metavar="RUN_DIR",
+        help="Start from the latest checkpoint of RUN_DIR, a shorter run of the same recipe (only name, "
+             "description, train.steps and the log/eval/checkpoint intervals may differ): a longer run without "
+             "retraining the first steps. Ignored once the run directory has its own checkpoints."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved spec, then stop."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     coordinator: Optional[str] = typer.Option(
@@ -136,7 +141,7 @@ def train(
     from mesacli.train import train as run_training
 
     run_dir = run_dir or Path("runs") / spec.name
-    result = run_training(spec, run_dir, stop_at_step=stop_at, progress=progress)
+    result = run_training(spec, run_dir, stop_at_step=stop_at, progress=progress, start_from=start_from)
     if multi is not None and not distributed.is_primary():
         return  # process 0 reports
     if _stopped_early(result, spec.train.steps, run_dir):

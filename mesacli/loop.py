@@ -98,12 +98,15 @@ class MetricLog:
 
     A step's metrics hold ``loss`` (per replica when seeds are stacked), optionally ``params_finite``, and any other
     scalars (``grad_norm``, ``lr``), logged as their mean: {"step", "loss", <others>} every ``log_every`` steps
-    and at every flush.  With several seeds the line also has ``loss_std`` and ``loss_per_seed``."""
+    and at every flush.  With several seeds the line also has ``loss_std`` and ``loss_per_seed``.  The flushed
+    step's line has ``step_seconds`` when the loop sets it: the wall time per step of the interval (evaluation
+    and checkpoint time excluded)."""
 
     def __init__(self, path: Path, log_every: int, seeds: list[int], write: bool = True, hint: str = ""):
         self.path, self.log_every, self.seeds, self.write, self.hint = Path(path), log_every, seeds, write, hint
         self.pending: list[tuple[int, dict]] = []
         self.last_loss = float("nan")
+        self.step_seconds: float | None = None  # set by the loop before a flush: wall seconds per step since the last
 
     def add(self, step: int, metrics: dict) -> None:
         self.pending.append((step, metrics))
@@ -125,6 +128,8 @@ class MetricLog:
             if (step + 1) % self.log_every == 0 or step == pending[-1][0]:
                 line = {"step": step + 1, "loss": self.last_loss}
                 line.update({k: float(np.mean(v)) for k, v in m.items() if k not in ("loss", "params_finite")})
+                if step == pending[-1][0] and self.step_seconds is not None:
+                    line["step_seconds"] = round(self.step_seconds, 5)
                 if len(self.seeds) > 1:
                     line.update(loss_std=float(loss.std()), loss_per_seed=[float(x) for x in loss])
                 lines.append(line)
@@ -183,6 +188,7 @@ def run_steps(state, start: int, end: int, total: int, *, step_fn: Callable, log
     closes the checkpoints and names the last good one.  Returns (state, step, interrupted)."""
     step, interrupted = start, False
     saved = [ckpts.latest_step()]
+    timed_from, timed_steps_from = time.perf_counter(), start  # wall time of the steps since the last flush
 
     def where() -> str:  # the stall watchdog's last words
         last = f"the last checkpoint is step {saved[-1]}" if saved[-1] is not None else "no checkpoint was saved"
@@ -198,11 +204,15 @@ def run_steps(state, start: int, end: int, total: int, *, step_fn: Callable, log
                     do_eval = eval_record is not None and (step % every.eval == 0 or step == total)
                     do_ckpt = step % every.checkpoint == 0 or step == end
                     if step % every.log == 0 or do_eval or do_ckpt:
+                        jax.block_until_ready(metrics)  # the interval's steps are done: time them, not the eval
+                        log.step_seconds = (time.perf_counter() - timed_from) / max(1, step - timed_steps_from)
                         log.flush(eval_record(state, step) if do_eval else None)
                         on_flush(step, log.last_loss)
                     if do_ckpt:
                         save(state, step)
                         saved.append(step)
+                    if step % every.log == 0 or do_eval or do_ckpt:
+                        timed_from, timed_steps_from = time.perf_counter(), step
                     if watchdog is not None:
                         watchdog.beat()
                     if runtime.stop_requested() and step < end:
@@ -211,6 +221,7 @@ def run_steps(state, start: int, end: int, total: int, *, step_fn: Callable, log
                 interrupted = True
                 step = int(state["step"])  # a second Ctrl-C may land between the step and the counter
                 log.pending = [(s, m) for s, m in log.pending if s < step]
+                log.step_seconds = None  # an interrupted interval is not timed
                 log.flush()
                 try:
                     save(state, step)

@@ -216,6 +216,64 @@ def restore(run_dir: str | Path, load: SpecLoader, make_template: Callable[[Any]
     return spec, state
 
 
+# ----------------------------------------------------------------------------- a longer run of a finished one
+
+# what a longer run of the same recipe may change: the names and the bookkeeping (none of it enters the maths)
+LONGER_RUN_MAY_CHANGE = ("name", "description", "train.steps", "train.log_every", "train.eval_every",
+                         "train.checkpoint_every", "train.keep_checkpoints")
+
+
+def longer_run_differences(source: Any, spec: Any) -> list[str]:
+    """What keeps ``spec`` from being a longer run of ``source``'s recipe (empty: it is one).  Only the keys
+    of ``LONGER_RUN_MAY_CHANGE`` may differ, and ``spec`` may not train fewer steps.  The step count does not
+    enter the schedule (warmup_cosine decays to ``train.decay_steps``) nor the data (fold_in(seed, step)), so
+    steps 0..N of the longer run are the source's steps."""
+    differs = [d for d in spec_diff(source, spec) if d.split(":")[0] not in LONGER_RUN_MAY_CHANGE]
+    if spec.train.steps < source.train.steps:
+        differs.append(f"train.steps: {source.train.steps!r} -> {spec.train.steps!r} (fewer)")
+    return differs
+
+
+def start_from_run(source_dir: str | Path, run_dir: str | Path, spec: Any, load: SpecLoader, template: dict,
+                   meta: dict, write: bool = True) -> int:
+    """Seed ``run_dir`` (prepared for ``spec``, no checkpoint yet) with the latest checkpoint of ``source_dir``,
+    a run of the same recipe with fewer steps (``longer_run_differences``): its state (parameters, optimiser
+    state, step) is saved as ``run_dir``'s first checkpoint with ``meta`` (+ step, loss, started_from), and its
+    metric lines up to that step are copied (``write``: this process writes files).  Training ``run_dir`` then
+    resumes there: the same run as training ``spec`` from scratch.  Returns the step."""
+    source_dir, run_dir = Path(source_dir), Path(run_dir)
+    source = read_spec(source_dir, load)
+    if differs := longer_run_differences(source, spec):
+        raise MesaError(f"{source_dir} is not a shorter run of this spec ({'; '.join(differs[:4])}); "
+                        f"a run can only start from a run of the same recipe")
+    source_ckpts = open_checkpoints(source_dir, source, read_only=True)
+    try:
+        if source_ckpts.latest_step() is None:
+            raise MesaError(f"no checkpoint found in {source_dir / CHECKPOINT_DIR}")
+        step = source_ckpts.latest_step()
+        source_meta = source_ckpts.restore_meta(step)
+        state = restore_state(source, source_ckpts, template, step)
+    finally:
+        source_ckpts.close()
+    ckpts = open_checkpoints(run_dir, spec)
+    try:
+        if ckpts.latest_step() is not None:
+            raise MesaError(f"{run_dir} already has checkpoints; it resumes from its own")
+        ckpts.save(step, state, dict(meta, step=step, loss=source_meta.get("loss"), started_from=str(source_dir)))
+    finally:
+        ckpts.close()
+    if write:
+        lines = []
+        if (source_dir / METRICS_FILE).is_file():
+            import json
+
+            for line in (source_dir / METRICS_FILE).read_text().splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= step:
+                    lines.append(line)
+        (run_dir / METRICS_FILE).write_text("".join(f"{line}\n" for line in lines))
+    return step
+
+
 # ----------------------------------------------------------------------------- replicas (train.seeds > 1)
 
 

@@ -199,8 +199,13 @@ def train(
     devices: list | None = None,
     on_log: Callable[[int, float], None] | None = None,
     warn: Callable[[str], None] = warn_stderr,
+    start_from: str | Path | None = None,
 ) -> TrainResult:
     """Train ``spec`` in ``run_dir``, resuming from its latest checkpoint if there is one.
+
+    ``start_from``: a finished shorter run of the same recipe (``rundir.start_from_run``) whose latest checkpoint
+    a run directory without checkpoints starts from, e.g. a 20k-step run from a 10k-step one (ignored once
+    ``run_dir`` has its own checkpoints).
 
     ``stop_at_step`` ends the session early (as an interruption would) after saving a checkpoint.
     Raises TrainingDiverged on a non-finite loss, keeping the last good checkpoint.  An unreadable newest
@@ -220,8 +225,11 @@ def train(
     barrier("prepare_run_dir")
     if not primary:
         rundir.prepare(spec, run_dir, load_spec)  # checks the spec process 0 wrote
-    ckpts = rundir.open_checkpoints(run_dir, spec)
+    meta = {"spec": spec_to_dict(spec), "mesacli": "0.1.0"}
     state = init_state(spec, mesh)
+    if start_from is not None and not rundir.saved_steps(run_dir):
+        rundir.start_from_run(start_from, run_dir, spec, load_spec, state, meta, write=primary)
+    ckpts = rundir.open_checkpoints(run_dir, spec)
     resumed, resumed_from = rundir.resume_state(spec, ckpts, state, warn), None
     if resumed is not None:
         state, resumed_from = resumed
@@ -249,7 +257,7 @@ def train(
                     end=t.steps if stop_at_step is None else min(stop_at_step, t.steps), total=t.steps,
                     step_fn=lambda state, step: train_step(state),
                     every=loop.Every(t.log_every, t.eval_every, t.checkpoint_every),
-                    meta={"spec": spec_to_dict(spec), "mesacli": "0.1.0"}, seeds=seeds, description=spec.name,
+                    meta=meta, seeds=seeds, description=spec.name,
                     eval_record=eval_record, progress=progress and primary, write=primary, on_log=on_log,
                     usable=lambda state: bool(np.isfinite(evaluate(state["params"])).all()))
     state = done.state

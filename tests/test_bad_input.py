@@ -326,3 +326,20 @@ def test_lm_train_and_prompt_tune_refuse_a_step_that_cannot_fit(tmp_path, traine
     assert_one_line_error(result, "a prompt-tuning step (eos) needs about")
     assert "use a smaller --batch or set --micro-batch" in result.output
     assert math.isfinite(float(result.output.split("needs about ")[1].split(" GiB")[0].replace(",", "")))
+
+
+def test_train_start_from_a_run_of_another_recipe_is_one_line(tmp_path):
+    spec_path = tmp_path / "tiny.yaml"
+    write_yaml(spec_path, merge(TINY, {"train": {"steps": 2}}))
+    assert invoke("train", spec_path, "--run-dir", tmp_path / "short", "--no-progress").exit_code == 0
+    longer = tmp_path / "longer.yaml"
+    write_yaml(longer, merge(TINY, {"train": {"steps": 4, "batch_size": 16}}))
+    assert_one_line_error(invoke("train", longer, "--run-dir", tmp_path / "long", "--no-progress",
+                                 "--start-from", tmp_path / "short"),
+                          "is not a shorter run of this spec (train.batch_size: 8 -> 16)")
+    assert_one_line_error(invoke("train", longer, "--run-dir", tmp_path / "long2", "--no-progress",
+                                 "--start-from", tmp_path / "nothing"), "is not a mesacli run directory")
+    write_yaml(longer, merge(TINY, {"train": {"steps": 4}}))
+    result = invoke("train", longer, "--run-dir", tmp_path / "long3", "--no-progress", "--start-from",
+                    tmp_path / "short")
+    assert result.exit_code == 0, result.output

@@ -282,6 +282,44 @@ def test_status_marks_a_run_of_another_spec_as_outdated(tmp_path):
                       say=lambda _: None)
 
 
+LONGER_LEDGER = """
+specs:
+  tiny: {step_seconds: 0.5, analyses: [eval]}
+  tiny_long: {step_seconds: 0.5, analyses: [eval], start_from: tiny}
+entries:
+  - {id: short, figure: Fig. T, spec: tiny, metric: eval.seq_avg, paper: 1, priority: 1}
+  - {id: long, figure: Fig. T, spec: tiny_long, metric: eval.seq_avg, paper: 1, priority: 2}
+"""
+
+
+def test_a_longer_run_starts_from_the_shorter_one_and_equals_the_straight_run(tmp_path):
+    experiments = _tiny_experiments(tmp_path)  # tiny: 6 steps
+    (experiments / "tiny_long.yaml").write_text(yaml.safe_dump(merge(TINY, {"name": "tiny_long",
+                                                                          "train": {"steps": 10}})))
+    ledger = load_ledger(_write_ledger(tmp_path, LONGER_LEDGER), experiments)
+    results = tmp_path / "results"
+    before = {s.entry.id: s for s in ledger_status(ledger, None, results, experiments)}
+    assert before["long"].cpu_left_s == pytest.approx(10 * 0.5 + 120.0)  # nothing to start from yet
+    reproduce_run(ledger, ["short"], results_dir=results, experiments_dir=experiments, progress=False,
+                  say=lambda _: None)
+    waiting = ledger_status(ledger, ["long"], results, experiments)[0]
+    assert waiting.state == "missing" and waiting.cpu_left_s == pytest.approx((10 - 6) * 0.5 + 120.0)
+    said = []
+    report = reproduce_run(ledger, ["long"], results_dir=results, experiments_dir=experiments, progress=False,
+                           say=said.append)
+    assert [s.what for s in report.stages] == ["train", "eval"] and report.stages[0].detail.startswith("step 10/10, ")
+    straight = tmp_path / "straight"
+    reproduce_run(ledger, ["long"], results_dir=straight, experiments_dir=experiments, progress=False,
+                  say=lambda _: None)  # no results/tiny there: trained from scratch
+    started, scratch = (json.loads((d / "tiny_long" / "eval_step10.json").read_text()) for d in (results, straight))
+    np.testing.assert_array_equal(started["per_position_loss"], scratch["per_position_loss"])
+    # a start_from that is not the same recipe is refused when the ledger loads
+    (experiments / "tiny_long.yaml").write_text(yaml.safe_dump(merge(TINY, {"name": "tiny_long",
+                                                                          "train": {"steps": 10, "lr": 2e-2}})))
+    with pytest.raises(MesaError, match=r"tiny_long is not a longer run of tiny \(train.lr"):
+        load_ledger(_write_ledger(tmp_path, LONGER_LEDGER), experiments)
+
+
 ICL_LEDGER = """
 specs:
   tiny: {step_seconds: 0.1, analyses: ["tune:both", "icl:plain,eos,tuned", "icl_continual:plain"],

@@ -89,6 +89,8 @@ def test_training_reduces_test_loss(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
     assert rows[-1]["eval_loss"] == pytest.approx(result.eval_loss, rel=1e-5)
+    # each line times its interval's steps: positive, and no more than the whole run's wall time per step
+    assert all(0 < r["step_seconds"] <= result.seconds / 10 for r in rows)
     for name in ["spec.yaml", "eval_curve.json", "loss_per_position.png", "training_curve.png"]:
         assert (tmp_path / "run" / name).exists()
     curve = json.loads((tmp_path / "run" / "eval_curve.json").read_text())
@@ -124,6 +126,30 @@ def test_resume_ends_with_the_same_parameters(tmp_path):
     spec_back, params, step = load_params(tmp_path / "resumed")
     assert spec_back == spec and step == spec.train.steps
     assert_trees_equal(params, full.params)
+
+
+def test_a_longer_run_started_from_a_shorter_one_is_the_same_run(tmp_path):
+    # steps 0..3 of a 6-step run are the 3-step run (schedule to decay_steps, data fold_in(seed, step)): starting
+    # the 6-step run from the 3-step run's checkpoint ends where training 6 steps from scratch does
+    recipe = {"schedule": "warmup_cosine", "warmup_steps": 2, "decay_steps": 10, "lr": 1e-3}
+    longer = tiny_spec(train=dict(recipe, steps=6, eval_every=3))
+    full = train(longer, tmp_path / "full", progress=False)
+    train(tiny_spec(name="short", train=dict(recipe, steps=3)), tmp_path / "short", progress=False)
+    extended = train(longer, tmp_path / "long", progress=False, start_from=tmp_path / "short")
+    assert extended.resumed_from == 3 and extended.step == 6
+    assert_trees_equal(full.params, extended.params)
+    log = [json.loads(line)["step"] for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    assert log == sorted(set(log)) and log[0] == 1 and log[-1] == 6, "the short run's metric lines, then its own"
+    ckpts = Checkpoints(tmp_path / "long" / "checkpoints", read_only=True)
+    assert ckpts.restore_meta(3)["started_from"].endswith("short")
+    ckpts.close()
+    # only a run of the same recipe with fewer steps may be the start
+    with pytest.raises(MesaError, match=r"not a shorter run of this spec \(train.lr: 0.001 -> 0.002\)"):
+        train(tiny_spec(train=dict(recipe, steps=6, lr=2e-3)), tmp_path / "other", progress=False,
+              start_from=tmp_path / "short")
+    with pytest.raises(MesaError, match="fewer"):
+        train(tiny_spec(train=dict(recipe, steps=2)), tmp_path / "fewer", progress=False,
+              start_from=tmp_path / "short")
 
 
 def test_non_finite_loss_removes_the_checkpoint_whose_loss_was_not_finite(tmp_path):

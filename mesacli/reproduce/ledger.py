@@ -44,6 +44,8 @@ class SpecPlan:
     distil_steps: int = 2000  # probe --distil-steps (linearize; the paper: 15k)
     prop2_train_steps: int = 20000  # probe --prop2-steps: AdamW steps of [C]'s recipe (the paper: 20k; 80k for k = 2)
     note: str = ""  # where the spec deviates from the paper
+    # a ledger spec whose finished run this one continues (train --start-from): the same recipe, fewer steps
+    start_from: str | None = None
 
     def probe_options(self) -> dict:
         return {"distil_steps": self.distil_steps, "prop2_train_steps": self.prop2_train_steps}
@@ -157,6 +159,16 @@ def validate(ledger: Ledger, experiments_dir: Path = EXPERIMENTS_DIR) -> Ledger:
             raise MesaError(f"specs.{name}.step_seconds must be positive, got {plan.step_seconds}")
         for analysis in plan.analyses:
             _check_analysis(name, analysis)
+        if plan.start_from is not None:
+            if plan.start_from not in ledger.specs or plan.start_from == name:
+                raise MesaError(f"specs.{name}.start_from: '{plan.start_from}' is not another spec of the ledger")
+            from mesacli.rundir import longer_run_differences
+            from mesacli.spec import load_spec
+
+            source, spec = (load_spec(Path(experiments_dir) / f"{n}.yaml") for n in (plan.start_from, name))
+            if differs := longer_run_differences(source, spec):
+                raise MesaError(f"specs.{name}.start_from: {name} is not a longer run of {plan.start_from} "
+                                f"({'; '.join(differs[:3])})")
     seen = set()
     for entry in ledger.entries:
         where = f"entry {entry.id}"

@@ -42,6 +42,16 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def start_point(plan, results_dir: Path) -> Path | None:
+    """The run a spec with ``start_from`` continues (results/<start_from>), once that run has a checkpoint."""
+    if plan.start_from is None:
+        return None
+    from mesacli import rundir
+
+    source = Path(results_dir) / plan.start_from
+    return source if rundir.saved_steps(source) else None
+
+
 @dataclasses.dataclass
 class Stage:
     spec: str
@@ -138,9 +148,12 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
                 if with_model and not state.trained:
                     say(f"{head}: training from step {state.trained_steps} of {state.total_steps}{left()}")
                     started = time.time()
-                    result = train(shipped_spec(name, experiments_dir), state.run_dir, progress=progress)
+                    result = train(shipped_spec(name, experiments_dir), state.run_dir, progress=progress,
+                                   start_from=start_point(plan, results_dir))
+                    trained = result.step - (result.resumed_from or 0)
+                    pace = f", {result.seconds / trained:.2f} s/step" if trained > 0 else ""
                     stages.append(Stage(name, "train", time.time() - started,
-                                        f"step {result.step}/{state.total_steps}"))
+                                        f"step {result.step}/{state.total_steps}{pace}"))
                     if result.interrupted or result.step < state.total_steps:
                         stopped = must_stop() or "SIGTERM"
                     else:

@@ -35,6 +35,7 @@ class RunState:
     outdated: bool
     tune_total: int = 0  # steps of all tuning stages
     tune_done: int = 0
+    start_step: int = 0  # the step its training starts at before it has a checkpoint (``start_from``)
 
     @property
     def trained(self) -> bool:
@@ -111,7 +112,10 @@ def run_state(name: str, plan, results_dir: Path = RESULTS_DIR, experiments_dir:
                 tune_total += plan.tune_steps
                 tuned = rundir.saved_steps(checkpoints_dir(run_dir, stage).parent)
                 tune_done += min(max(tuned, default=0), plan.tune_steps)
-    return RunState(name, run_dir, spec.train.steps, max(steps, default=0), outdated, tune_total, tune_done)
+    start = 0  # a run that starts from another one's checkpoint (plan.start_from) trains only the steps after it
+    if plan.start_from is not None and not steps:
+        start = min(max(rundir.saved_steps(Path(results_dir) / plan.start_from), default=0), spec.train.steps)
+    return RunState(name, run_dir, spec.train.steps, max(steps, default=0), outdated, tune_total, tune_done, start)
 
 
 PROBE_SETTINGS = {"linearize": ("distil_steps", "distil_steps"), "prop2": ("train_steps", "prop2_train_steps")}
@@ -173,7 +177,8 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> 
         plan = ledger.specs[run.name]
         cpu = 0.0
         if run.name in trained:
-            left = run.total_steps if run.outdated else max(0, run.total_steps - run.trained_steps)
+            left = run.total_steps if run.outdated else \
+                max(0, run.total_steps - max(run.trained_steps, run.start_step))
             cpu = left * plan.step_seconds + (run.tune_total - run.tune_done) * plan.tune_step_seconds
         if not entry.blocked:
             waiting = [metrics.parse_metric(ref.metric).analysis for ref in pending if ref.spec == run.name]
