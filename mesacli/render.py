@@ -168,14 +168,16 @@ def train_bench_table(result: dict) -> Table:
                         f" / {mm['gflops_after']:.1f})", title_justify="left",
                   caption="GFLOP: matmul FLOPs per step (forward + backward + optimiser, data generation excluded); "
                           "mfu = GFLOP/s ÷ the matmul's GFLOP/s", caption_justify="left")
-    for column in ("spec", "B × T", "micro\nbatch", "params", "compile\ns", "s/step", "steps/s", "data\nshare",
+    for column in ("spec", "B × T", "micro\nbatch", "params", "compile\ns", "s/step", "CPU s\n/step", "steps/s",
+                   "data\nshare",
                    "GFLOP\n/step", "XLA GFLOP\n(loops once)", "GFLOP/s", "mfu"):
         table.add_column(column, justify="left" if column == "spec" else "right", no_wrap=column == "spec")
     for r in result["rows"]:
         micro = str(r["micro_batch"] or "-") + (" (auto)" if r.get("micro_batch_auto") else "")
         table.add_row(r["spec"], f"{r['batch_size']} × {r['seq_len']}", micro,
                       f"{r['params']:,}", f"{r['compile_s']:.1f}", _number(r["s_per_step"], 3),
-                      _number(r["steps_per_s"]), f"{r['data_share']:.0%}", _number(r["gflops"]),
+                      _number(r.get("cpu_s_per_step"), 3), _number(r["steps_per_s"]), f"{r['data_share']:.0%}",
+                      _number(r["gflops"]),
                       _number(r["xla_gflops"]), _number(r["gflops_per_s"]), f"{r['mfu']:.3f}")
     return table
 

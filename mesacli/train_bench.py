@@ -3,7 +3,8 @@
 Per spec, the spec's own jitted training step (``train.make_train_step`` on a ("data",) mesh over every visible
 device, as `mesacli train` runs it) is compiled ahead of time, called once (warm-up), then timed:
 
-- ``s_per_step``: median over ``repeats`` blocks of the mean time of ``steps`` consecutive steps.  The step
+- ``s_per_step``: median over ``repeats`` blocks of the mean wall time of ``steps`` consecutive steps;
+  ``cpu_s_per_step``: the same for the process CPU time (all threads), steadier on a shared machine.  The step
   includes sampling its own batch on the device (data generation), as in training; ``data_s`` times that sampling
   alone (``tasks.sample_batch`` jitted by itself, same blocks), so ``data_share = data_s / s_per_step`` estimates
   its part of the step (inside the step XLA may fuse it differently).
@@ -46,10 +47,11 @@ MFU_DEFINITION = "gflops / s_per_step / matmul_gflops (model matmul FLOP/s over 
 # ----------------------------------------------------------------------------- timing
 
 
-def time_calls(call: Callable[[Any], tuple[Any, Any]], carry: Any, steps: int, repeats: int
-               ) -> tuple[float, list[float], Any]:
+def time_calls(call: Callable[[Any], tuple[Any, Any]], carry: Any, steps: int, repeats: int,
+               cpu_blocks: list[float] | None = None) -> tuple[float, list[float], Any]:
     """(seconds of one warm-up call, per block the mean seconds per call, final carry): ``call(carry) ->
-    (carry, out)`` is called once, then ``repeats`` blocks of ``steps`` calls, each block waited for to the end."""
+    (carry, out)`` is called once, then ``repeats`` blocks of ``steps`` calls, each block waited for to the end.
+    ``cpu_blocks``, if given, receives per block the mean process CPU seconds per call (all threads)."""
     t0 = time.perf_counter()
     carry, out = call(carry)
     jax.block_until_ready((carry, out))
@@ -57,12 +59,14 @@ def time_calls(call: Callable[[Any], tuple[Any, Any]], carry: Any, steps: int, r
     blocks = []
     for _ in range(repeats):
         outs = []
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             carry, out = call(carry)
             outs.append(out)
         jax.block_until_ready((carry, outs))
         blocks.append((time.perf_counter() - t0) / steps)
+        if cpu_blocks is not None:
+            cpu_blocks.append((time.process_time() - cpu0) / steps)
     return first, blocks, carry
 
 
@@ -156,7 +160,8 @@ def bench_spec(spec: Spec, steps: int, repeats: int, report: Callable[[str], Non
     compiled, compile_s = compile_step(prepared)
     flops = step_flops(prepared)
     report(f"{spec.name}: timing {repeats} x {steps} steps")
-    first_s, blocks, _ = time_calls(compiled, prepared.state, steps, repeats)
+    cpu_blocks: list[float] = []
+    first_s, blocks, _ = time_calls(compiled, prepared.state, steps, repeats, cpu_blocks)
     report(f"{spec.name}: timing its data generation alone")
     step0 = jnp.int32(0)
     sample = jax.jit(_sampler(spec)).lower(step0).compile()
@@ -172,6 +177,7 @@ def bench_spec(spec: Spec, steps: int, repeats: int, report: Callable[[str], Non
         "layers": spec.model.layers, "attention": spec.model.attention,
         "compile_s": compile_s, "first_step_s": first_s,
         "s_per_step": s_per_step, "steps_per_s": 1 / s_per_step, "block_s_per_step": blocks,
+        "cpu_s_per_step": statistics.median(cpu_blocks),
         "data_s": data_s, "data_share": data_s / s_per_step,
         **flops,
         "xla_gflops": None if xla is None else xla / 1e9,

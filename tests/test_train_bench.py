@@ -71,7 +71,8 @@ def test_cli_writes_rows_for_a_spec_file_and_a_shipped_spec_name(tmp_path, tiny_
     assert [r["spec"] for r in data["rows"]] == ["tiny", "lsa1_constructed"]
     for row in data["rows"]:
         assert row["batch_size"] == 8 and row["seq_len"] == 8 and row["params"] > 0
-        for key in ("s_per_step", "steps_per_s", "compile_s", "gflops", "gflops_per_s", "mfu", "data_s", "xla_gflops"):
+        for key in ("s_per_step", "cpu_s_per_step", "steps_per_s", "compile_s", "gflops", "gflops_per_s", "mfu",
+                    "data_s", "xla_gflops"):
             assert row[key] > 0, (key, row)
         assert row["mfu"] == pytest.approx(row["gflops"] / row["s_per_step"] / data["matmul_gflops"])
         assert len(row["block_s_per_step"]) == 1
