@@ -17,7 +17,7 @@ from mesacli.errors import MesaError
 from mesacli.reproduce import metrics
 from mesacli.reproduce.ledger import load_ledger
 from mesacli.reproduce.report import write_report
-from mesacli.reproduce.run import parse_budget, reproduce_run
+from mesacli.reproduce.run import parse_budget, reproduce_run, run_jobs, specs_with_work
 from mesacli.reproduce.status import ledger_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,6 +318,52 @@ def test_a_longer_run_starts_from_the_shorter_one_and_equals_the_straight_run(tm
                                                                           "train": {"steps": 10, "lr": 2e-2}})))
     with pytest.raises(MesaError, match=r"tiny_long is not a longer run of tiny \(train.lr"):
         load_ledger(_write_ledger(tmp_path, LONGER_LEDGER), experiments)
+
+
+def test_specs_with_work_and_one_spec_of_the_work(tmp_path):
+    experiments = _tiny_experiments(tmp_path)
+    (experiments / "tiny_long.yaml").write_text(yaml.safe_dump(merge(TINY, {"name": "tiny_long",
+                                                                          "train": {"steps": 10}})))
+    ledger = load_ledger(_write_ledger(tmp_path, LONGER_LEDGER), experiments)
+    results = tmp_path / "results"
+    assert specs_with_work(ledger, None, results, experiments) == ["tiny", "tiny_long"]
+    report = reproduce_run(ledger, None, results_dir=results, experiments_dir=experiments, progress=False,
+                           say=lambda _: None, specs=["tiny"])  # one job of --jobs: this spec's work only
+    assert report.specs == ["tiny"] and [s.spec for s in report.stages] == ["tiny", "tiny"]
+    assert specs_with_work(ledger, None, results, experiments) == ["tiny_long"]
+    assert specs_with_work(ledger, ["short"], results, experiments) == []
+    (results / "tiny" / "eval_step6.json").unlink()  # a missing record is work again (no training)
+    assert specs_with_work(ledger, ["short"], results, experiments) == ["tiny"]
+
+
+@pytest.mark.filterwarnings("ignore:os.fork")  # the parent here has JAX threads; `reproduce run` has none
+def test_jobs_run_at_most_n_at_once_after_what_they_wait_for_and_restart_a_stall(tmp_path):
+    # each child logs "start"/"end" lines with times; job "c" waits for "a"; "b" stalls once (exit 75)
+    log = tmp_path / "log"
+    child = ("import sys, time, pathlib; name, log = sys.argv[1], pathlib.Path(sys.argv[2]); "
+             "tries = log.with_name(name + '.tries'); n = int(tries.read_text()) if tries.exists() else 0; "
+             "tries.write_text(str(n + 1)); "
+             "f = open(log, 'a'); f.write(f'{time.time()} start {name}\\n'); f.flush(); time.sleep(0.6); "
+             "f.write(f'{time.time()} end {name}\\n'); f.close(); sys.exit(75 if name == 'b' and n == 0 else 0)")
+    said = []
+    code = run_jobs(["a", "b", "c", "d"], lambda name, left: [sys.executable, "-c", child, name, str(log)], jobs=2,
+                    budget_s=600.0, restarts=2, waits_for=lambda name: "a" if name == "c" else None,
+                    say=said.append, poll_s=0.05)
+    assert code == 0
+    events = [line.split() for line in log.read_text().splitlines()]
+    at_once, most = 0, 0
+    for _, what, _ in sorted(events, key=lambda e: float(e[0])):
+        at_once += 1 if what == "start" else -1
+        most = max(most, at_once)
+    assert most == 2, events  # two children at a time, never more
+    start = {name: float(t) for t, what, name in events if what == "start"}
+    end = {name: float(t) for t, what, name in events if what == "end"}
+    assert start["c"] >= end["a"]  # c waited for a
+    assert (tmp_path / "b.tries").read_text() == "2" and "b: the run stalled" in said[0]
+    assert run_jobs(["x"], lambda name, left: [sys.executable, "-c", "import sys; sys.exit(3)"], jobs=2,
+                    budget_s=None, restarts=1, poll_s=0.05) == 3  # a failure is reported, not retried
+    assert run_jobs(["x"], lambda name, left: [sys.executable, "-c", "pass"], jobs=2, budget_s=0.0,
+                    restarts=1, poll_s=0.05) == 0  # no budget: nothing starts
 
 
 ICL_LEDGER = """
