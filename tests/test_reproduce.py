@@ -308,6 +308,7 @@ def test_a_longer_run_starts_from_the_shorter_one_and_equals_the_straight_run(tm
     report = reproduce_run(ledger, ["long"], results_dir=results, experiments_dir=experiments, progress=False,
                            say=said.append)
     assert [s.what for s in report.stages] == ["train", "eval"] and report.stages[0].detail.startswith("step 10/10, ")
+    assert f"training from step 6 of 10 (from {results / 'tiny'})" in said[0]
     straight = tmp_path / "straight"
     reproduce_run(ledger, ["long"], results_dir=straight, experiments_dir=experiments, progress=False,
                   say=lambda _: None)  # no results/tiny there: trained from scratch

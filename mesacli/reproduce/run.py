@@ -167,7 +167,10 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
                 if with_model and (stopped or not needs_training):
                     break
                 if with_model and not state.trained:
-                    say(f"{head}: training from step {state.trained_steps} of {state.total_steps}{left()}")
+                    source = start_point(plan, results_dir) if not state.trained_steps else None
+                    begin = f"step {state.start_step} of {state.total_steps} (from {source})" if source else \
+                        f"step {state.trained_steps} of {state.total_steps}"
+                    say(f"{head}: training from {begin}{left()}")
                     started = time.time()
                     result = train(shipped_spec(name, experiments_dir), state.run_dir, progress=progress,
                                    start_from=start_point(plan, results_dir))
