@@ -78,9 +78,10 @@ clean:
 
 # The ledger of the paper's results (mesacli reproduce): train / resume what is missing, a budget at a time.
 BUDGET ?= 150m
+JOBS ?= 2
 
-reproduce: install  ## train and analyse the ledger's entries for BUDGET (resumable), then write results/REPORT.md
-	$(VENV)/bin/mesacli reproduce run --budget $(BUDGET) --no-progress; rc=$$?; \
+reproduce: install  ## train and analyse the ledger's entries for BUDGET (resumable, JOBS specs at once), then the report
+	$(VENV)/bin/mesacli reproduce run --budget $(BUDGET) --jobs $(JOBS) --no-progress; rc=$$?; \
 	$(VENV)/bin/mesacli reproduce report && exit $$rc
 
 report: install  ## results/REPORT.md and results/figures/ from the committed records
