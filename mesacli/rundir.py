@@ -17,6 +17,7 @@ trained: the trainers give it their spec loader and state template.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -265,8 +266,6 @@ def start_from_run(source_dir: str | Path, run_dir: str | Path, spec: Any, load:
     if write:
         lines = []
         if (source_dir / METRICS_FILE).is_file():
-            import json
-
             for line in (source_dir / METRICS_FILE).read_text().splitlines():
                 if line.strip() and json.loads(line).get("step", 0) <= step:
                     lines.append(line)
