@@ -139,9 +139,10 @@ def make_train_step(spec: Spec, mesh: Mesh, replica_group: int | None = None) ->
         replica_step = partial(_grouped_replica_step, replica_grads, replica_update, spec.train.seeds, group)
     seeds = jnp.array(rundir.replica_seeds(spec.train)) if stacked else spec.train.seed
     shardings = state_sharding(spec, mesh)
-    per_replica = shardings["params"]
-    metric_sharding = {"loss": per_replica, "grad_norm": per_replica, "params_finite": per_replica,
-                       "lr": NamedSharding(mesh, PartitionSpec())}
+    # metrics replicated on every device: the loop reads them in every process, also when the replicas of a
+    # seeds > 1 run are spread over the devices of several processes (per-replica sharded, they were not readable)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    metric_sharding = {"loss": replicated, "grad_norm": replicated, "params_finite": replicated, "lr": replicated}
 
     @partial(jax.jit, in_shardings=(shardings,), out_shardings=(shardings, metric_sharding))
     def train_step(state):

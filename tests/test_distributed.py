@@ -6,6 +6,7 @@ tests/test_multidevice.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -130,3 +131,20 @@ def test_different_specs_and_batches_that_do_not_divide(tiny_spec_file, tmp_path
     for code, _, err in finish(launch(spec_file, tmp_path / "b", 2, free_port(), "--set", "train.batch_size=6")):
         assert code == 2, err[-2000:]
         assert "multiple of the number of devices (4)" in error_lines(err)[0]
+
+
+@pytest.mark.distributed
+def test_seeds_spread_over_two_processes_equal_the_plain_runs(tiny_spec_file, tmp_path):
+    # 4 replicas over 2 processes of 1 device each (2 replicas a process): replica i is the plain run with seed i;
+    # before, the per-replica metrics were sharded over the processes and the loop could not read them
+    spec_file = tiny_spec_file(train={"seeds": 4})
+    results = finish(launch(spec_file, tmp_path / "multi", 2, free_port(), devices=1))
+    for code, _out, err in results:
+        assert code == 0, err[-2000:]
+    spec, stacked, step = load_params(tmp_path / "multi")
+    lines = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines[-1]["loss_per_seed"]) == 4
+    for i in range(4):
+        one = dataclasses.replace(spec, train=dataclasses.replace(spec.train, seeds=1, seed=spec.train.seed + i))
+        plain = train(one, tmp_path / f"plain{i}", progress=False)
+        assert_close(jax.tree_util.tree_map(lambda x, i=i: x[i], stacked), plain.params)
