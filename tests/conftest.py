@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+
+# A test run started in the background by a non-interactive shell (`nohup pytest ... &`) inherits an ignored
+# SIGINT; the Ctrl-C tests (tests/test_faults.py) need it delivered, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Tests are dominated by XLA compile time on a 2-core CPU; unoptimised code generation compiles
 # several times faster and computes the same values.  Set before JAX is imported.
