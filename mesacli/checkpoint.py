@@ -164,15 +164,21 @@ def _short(err: Exception) -> str:
 
 @contextlib.contextmanager
 def _quiet_unraisable():
-    """Within: "Exception ignored in <coroutine ...>" reports (Orbax's asyncio reads of a corrupted file, abandoned
-    when the first one failed) are dropped; they are collected before the block ends."""
-    previous = sys.unraisablehook
+    """Within: "Exception ignored in <coroutine ...>" reports and asyncio's "Task exception was never retrieved"
+    log records (Orbax's asyncio reads of a corrupted file, abandoned when the first one failed) are dropped; they
+    are collected before the block ends."""
+    import logging
+
+    previous, asyncio_log = sys.unraisablehook, logging.getLogger("asyncio")
+    level = asyncio_log.level
     sys.unraisablehook = lambda unraisable: None
+    asyncio_log.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:
         gc.collect()
         sys.unraisablehook = previous
+        asyncio_log.setLevel(level)
 
 
 def finite_or_none(data: Any) -> Any:
