@@ -203,7 +203,8 @@ def run_steps(state, start: int, end: int, total: int, *, step_fn: Callable, log
                     step += 1
                     do_eval = eval_record is not None and (step % every.eval == 0 or step == total)
                     do_ckpt = step % every.checkpoint == 0 or step == end
-                    if step % every.log == 0 or do_eval or do_ckpt:
+                    flushing = step % every.log == 0 or do_eval or do_ckpt
+                    if flushing:
                         jax.block_until_ready(metrics)  # the interval's steps are done: time them, not the eval
                         log.step_seconds = (time.perf_counter() - timed_from) / max(1, step - timed_steps_from)
                         log.flush(eval_record(state, step) if do_eval else None)
@@ -211,7 +212,7 @@ def run_steps(state, start: int, end: int, total: int, *, step_fn: Callable, log
                     if do_ckpt:
                         save(state, step)
                         saved.append(step)
-                    if step % every.log == 0 or do_eval or do_ckpt:
+                    if flushing:
                         timed_from, timed_steps_from = time.perf_counter(), step
                     if watchdog is not None:
                         watchdog.beat()

@@ -167,13 +167,13 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
                 if with_model and (stopped or not needs_training):
                     break
                 if with_model and not state.trained:
-                    source = start_point(plan, results_dir) if not state.trained_steps else None
-                    begin = f"step {state.start_step} of {state.total_steps} (from {source})" if source else \
-                        f"step {state.trained_steps} of {state.total_steps}"
+                    source = start_point(plan, results_dir)
+                    begin = f"step {state.start_step} of {state.total_steps} (from {source})" \
+                        if source and not state.trained_steps else f"step {state.trained_steps} of {state.total_steps}"
                     say(f"{head}: training from {begin}{left()}")
                     started = time.time()
                     result = train(shipped_spec(name, experiments_dir), state.run_dir, progress=progress,
-                                   start_from=start_point(plan, results_dir))
+                                   start_from=source)
                     trained = result.step - (result.resumed_from or 0)
                     pace = f", {result.seconds / trained:.2f} s/step" if trained > 0 else ""
                     stages.append(Stage(name, "train", time.time() - started,
