@@ -418,9 +418,9 @@ def reproduce_run(
                                                     "when it runs out training stops as on SIGTERM (step saved)."),
     results: Path = typer.Option(Path("results"), help=_RESULTS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
-    restarts: int = typer.Option(3, min=0, help="Run the work in a child process and start it again (from the last "
-                                                "checkpoint) when a stalled step ended it, at most this many times; "
-                                                "0: run in this process."),
+    restarts: int = typer.Option(3, min=0, help="Run each spec's work in a child process and start it again (from "
+                                                "its last checkpoint) when a stalled step ended it, at most this many "
+                                                "times per spec; 0: all in this process."),
     jobs: int = typer.Option(1, min=1, help="Work on this many specs at once, each in its own child process. On a "
                                             "CPU one training process barely uses a second core: --jobs 2 on 2 cores "
                                             "trains ~1.7x as many steps per hour. Not for one GPU."),
@@ -428,7 +428,7 @@ def reproduce_run(
 ):
     """Train / resume and analyse what the entries need, in priority order, from the shipped specs."""
     from mesacli.reproduce.ledger import load_ledger
-    from mesacli.reproduce.run import parse_budget, run_jobs, run_with_restarts, specs_with_work
+    from mesacli.reproduce.run import parse_budget, run_jobs, specs_with_work
     from mesacli.reproduce.run import reproduce_run as run_ledger
 
     budget_s = parse_budget(budget) if budget is not None else None
@@ -436,26 +436,18 @@ def reproduce_run(
     ledger.select(list(ids or []))  # unknown ids are an error here, not in the child
     if jobs > 1 and restarts == 0:
         raise MesaError("--jobs > 1 runs its work in child processes: give --restarts 1 or more")
-    if jobs > 1:
+    if restarts > 0:  # each spec's work in a child process, `jobs` at a time, started again after a stall
         def spec_command(name: str, left: float | None) -> list[str]:
             return [sys.executable, "-m", "mesacli.cli", "reproduce", "run", *(ids or []), "--results", str(results),
                     "--restarts", "0", "--spec", name, "--progress" if progress else "--no-progress",
                     *([] if left is None else ["--budget", f"{left:.0f}s"])]
 
         names = specs_with_work(ledger, list(ids or []), results)
-        err_console.print(f"{len(names)} specs with work, {jobs} at a time: {', '.join(names) or 'none'}",
-                          highlight=False)
+        err_console.print(f"{len(names)} spec{'' if len(names) == 1 else 's'} with work, {jobs} at a time: "
+                          f"{', '.join(names) or 'none'}", highlight=False)
         raise typer.Exit(run_jobs(names, spec_command, jobs, budget_s, restarts,
                                   waits_for=lambda name: ledger.specs[name].start_from,
                                   say=lambda message: err_console.print(message, highlight=False)))
-    if restarts > 0:
-        def command(left: float | None) -> list[str]:
-            return [sys.executable, "-m", "mesacli.cli", "reproduce", "run", *(ids or []), "--results", str(results),
-                    "--restarts", "0", "--progress" if progress else "--no-progress",
-                    *([] if left is None else ["--budget", f"{left:.0f}s"])]
-
-        raise typer.Exit(run_with_restarts(command, budget_s, restarts,
-                                           say=lambda message: err_console.print(message, highlight=False)))
     report = run_ledger(ledger, list(ids or []), budget_s=budget_s, results_dir=results, progress=progress,
                         say=lambda message: err_console.print(message, highlight=False),
                         specs=None if spec is None else [spec])

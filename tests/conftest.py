@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
+import tempfile
 
 # A test run started in the background by a non-interactive shell (`nohup pytest ... &`) inherits an ignored
 # SIGINT; the Ctrl-C tests (tests/test_faults.py) need it delivered, as in a terminal.
@@ -13,6 +16,16 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # Tests are dominated by XLA compile time on a 2-core CPU; unoptimised code generation compiles
 # several times faster and computes the same values.  Set before JAX is imported.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+# Many tests compile the same tiny programs again (a fresh run, a resume, a CLI child process): JAX's persistent
+# compilation cache, in a folder of this test session only (so every session starts cold, as CI does), serves
+# the repeats; it cut tests/test_train.py + tests/test_reproduce.py from 280 s to 170 s.  Environment
+# variables, so the subprocesses of the CLI tests share it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="mesacli-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402

@@ -337,23 +337,23 @@ def test_a_stalled_step_ends_the_process_with_every_stack_and_exit_75(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:os.fork")  # the parent here has JAX threads; `reproduce run` has none
 def test_reproduce_run_restarts_a_stalled_child(tmp_path):
-    """`mesacli reproduce run` runs its work in a child and starts it again after a stall (exit 75)."""
-    from mesacli.reproduce.run import run_with_restarts
+    """`mesacli reproduce run` runs a spec's work in a child and starts it again after a stall (exit 75)."""
+    from mesacli.reproduce.run import run_jobs
 
     marker = tmp_path / "attempts"
     child = ("import sys, pathlib; p = pathlib.Path(sys.argv[1]); n = int(p.read_text()) if p.exists() else 0; "
              "p.write_text(str(n + 1)); sys.exit(75 if n < 2 else 0)")
     said, budgets = [], []
 
-    def command(left):
+    def command(name, left):
         budgets.append(left)
         return [sys.executable, "-c", child, str(marker)]
 
-    assert run_with_restarts(command, 3600.0, restarts=3, say=said.append) == 0
-    assert marker.read_text() == "3" and len(said) == 2 and "restarting" in said[0]
+    assert run_jobs(["spec"], command, 1, 3600.0, restarts=3, say=said.append, poll_s=0.05) == 0
+    assert marker.read_text() == "3" and len(said) == 2 and "spec: the run stalled" in said[0]
     assert budgets[0] > budgets[1] > budgets[2] > 3500  # each attempt gets what is left of the budget
     marker.unlink()
-    assert run_with_restarts(command, None, restarts=1, say=said.append) == 75  # out of restarts: the stall stands
+    assert run_jobs(["spec"], command, 1, None, restarts=1, say=said.append, poll_s=0.05) == 75  # the stall stands
 
 
 # ----------------------------------------------------------------------------- run directories and signals

@@ -292,7 +292,7 @@ entries:
 """
 
 
-def test_a_longer_run_starts_from_the_shorter_one_and_equals_the_straight_run(tmp_path):
+def test_a_longer_run_starts_from_the_shorter_one(tmp_path):
     experiments = _tiny_experiments(tmp_path)  # tiny: 6 steps
     (experiments / "tiny_long.yaml").write_text(yaml.safe_dump(merge(TINY, {"name": "tiny_long",
                                                                           "train": {"steps": 10}})))
@@ -309,11 +309,10 @@ def test_a_longer_run_starts_from_the_shorter_one_and_equals_the_straight_run(tm
                            say=said.append)
     assert [s.what for s in report.stages] == ["train", "eval"] and report.stages[0].detail.startswith("step 10/10, ")
     assert f"training from step 6 of 10 (from {results / 'tiny'})" in said[0]
-    straight = tmp_path / "straight"
-    reproduce_run(ledger, ["long"], results_dir=straight, experiments_dir=experiments, progress=False,
-                  say=lambda _: None)  # no results/tiny there: trained from scratch
-    started, scratch = (json.loads((d / "tiny_long" / "eval_step10.json").read_text()) for d in (results, straight))
-    np.testing.assert_array_equal(started["per_position_loss"], scratch["per_position_loss"])
+    # that the started run equals the straight one is tests/test_train.py's (train --start-from); here: it started
+    # from the short run's checkpoint, whose metric lines it carries on
+    steps = [json.loads(line)["step"] for line in (results / "tiny_long" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[0] == 1 and steps[-1] == 10
     # a start_from that is not the same recipe is refused when the ledger loads
     (experiments / "tiny_long.yaml").write_text(yaml.safe_dump(merge(TINY, {"name": "tiny_long",
                                                                           "train": {"steps": 10, "lr": 2e-2}})))

@@ -109,6 +109,16 @@ def _run_analysis(analysis: str, plan, run_dir: Path, progress: bool, say: Calla
     return str(report.json_path.name if report.json_path else ""), False
 
 
+def analysis_due(analysis: str, plan, state, with_model: bool) -> bool:
+    """Whether ``analysis`` is one of ``plan``'s analyses that need the trained model (``with_model``) or one that
+    does not, and its record is missing or not current in the run ``state``."""
+    return needs_model(analysis) == with_model and not analysis_current(analysis, plan, state)
+
+
+def analyses_due(plan, state, with_model: bool) -> bool:
+    return any(analysis_due(a, plan, state, with_model) for a in plan.analyses)
+
+
 def specs_with_work(ledger: Ledger, ids: list[str] | None = None, results_dir: Path = RESULTS_DIR,
                     experiments_dir: Path = EXPERIMENTS_DIR) -> list[str]:
     """The specs (priority order) for which ``reproduce_run`` has something to do for the entries ``ids``:
@@ -119,8 +129,8 @@ def specs_with_work(ledger: Ledger, ids: list[str] | None = None, results_dir: P
         plan = ledger.specs[name]
         state = run_state(name, plan, results_dir, experiments_dir)
         needs_training = any(name in e.trained_specs() for e in entries)
-        if state.outdated or (needs_training and not state.trained) or any(
-                not analysis_current(a, plan, state) for a in plan.analyses if needs_training or not needs_model(a)):
+        if state.outdated or analyses_due(plan, state, with_model=False) or (
+                needs_training and (not state.trained or analyses_due(plan, state, with_model=True))):
             work.append(name)
     return work
 
@@ -185,7 +195,7 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
                 for analysis in plan.analyses:
                     if stopped or (stopped := must_stop()) is not None:
                         break
-                    if needs_model(analysis) != with_model or analysis_current(analysis, plan, state):
+                    if not analysis_due(analysis, plan, state, with_model):  # state: as the last stage left it
                         continue
                     say(f"{head}: {analysis}{left()}")
                     started = time.time()
@@ -202,37 +212,6 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
             if stopped:
                 break
     return RunReport(stages, stopped, time.time() - t0, names)
-
-
-def run_with_restarts(command_for: Callable[[float | None], list[str]], budget_s: float | None, restarts: int,
-                      say: Callable[[str], None] = print) -> int:
-    """Run ``command_for(seconds left of the budget)`` (an argv) as a child process, again after each stalled exit
-    (``runtime.EXIT_STALLED``: the stall watchdog ended a deadlocked step; the run resumes from its last
-    checkpoint), at most ``restarts`` times; returns the child's last exit code.  SIGTERM and Ctrl-C are passed
-    on to the child once (it has its own process group, so a terminal's Ctrl-C does not reach it twice)."""
-    import signal
-    import subprocess
-
-    deadline = None if budget_s is None else time.monotonic() + budget_s
-    returncode = 0
-    for attempt in range(restarts + 1):
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            break
-        child = subprocess.Popen(command_for(left), preexec_fn=lambda: runtime.die_with_parent(True))
-        forward = {sig: signal.signal(sig, lambda signum, frame, child=child: child.send_signal(signum))
-                   for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            returncode = child.wait()
-        finally:
-            for sig, previous in forward.items():
-                signal.signal(sig, previous)
-        if returncode != runtime.EXIT_STALLED:
-            return returncode
-        if attempt < restarts:
-            say(f"the run stalled (exit code {returncode}); restarting it from its last checkpoint "
-                f"({attempt + 1} of {restarts} restarts)")
-    return returncode
 
 
 def run_jobs(names: list[str], command_for: Callable[[str, float | None], list[str]], jobs: int,
