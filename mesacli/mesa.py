@@ -19,7 +19,9 @@ Forms (all compute the same function):
   N = diag(b) + K R_0 K^T, whose leading blocks give the causal per-token Woodbury corrections; chunks
   are processed batched: in groups of ~256 matrices by a scan when only the output is needed, all at once
   under differentiation.  A hand-written backward pass (custom VJP) reuses the forward's factors:
-  gradients store O(T (D + C) + (T/C) D^2) per head instead of a D x D matrix per token.
+  gradients store O(T (D + C) + (T/C) D^2) per head instead of a D x D matrix per token.  A sequence of one
+  chunk (T <= C, e.g. the paper's T = 50 models) starts from A_0 = I / lambda: R_0 = lambda I is not factorised
+  and the chunk-boundary state terms are left out, forward and backward.
 - ``mesa_decode_step``: one token at a time with state (R, G), for generation.
 """
 
@@ -196,30 +198,38 @@ def _causal(rel_nBHCC, x_nBHCC):
     return jnp.where(jnp.tril(jnp.ones((c, c), dtype=bool)), x_nBHCC, 0.0)
 
 
+def _times_r0(x_nBHXD, r0):
+    """x R_0: a batched product, or for R_0 = lambda I (``r0`` = lambda [H]: a chunk that starts the sequence) a
+    per-head scale."""
+    return x_nBHXD * r0[:, None, None] if r0.ndim == 1 else x_nBHXD @ r0
+
+
 def _causal_solve(r0_nBHDD, m_nBHCD, rhs_nBHCD, b_nBHC):
     """x_i = A_i^{-1} rhs_i for every token i of a chunk (Woodbury, one Cholesky factor for all i):
 
         A_i^{-1} = b_i^{-1} [R_0 - R_0 K_{<=i}^T N_{<=i}^{-1} K_{<=i} R_0],  N = diag(b) + K R_0 K^T = L L^T.
     The leading block of L is the factor of N_{<=i}, so with M = L^{-1} K R_0 [C, D]
         x_i = b_i^{-1} [R_0 rhs_i - sum_{j<=i} (M_j . rhs_i) M_j],   i.e.  X = (rhs R_0 - tril(rhs M^T) M) / b.
-    b = None: no forgetting (b = 1).
+    b = None: no forgetting (b = 1).  R_0 as in ``_times_r0``.
     """
     z_CC = _causal(None, rhs_nBHCD @ jnp.swapaxes(m_nBHCD, -1, -2))
-    x = rhs_nBHCD @ r0_nBHDD - z_CC @ m_nBHCD
+    x = _times_r0(rhs_nBHCD, r0_nBHDD) - z_CC @ m_nBHCD
     return x if b_nBHC is None else x / b_nBHC[..., None]
 
 
-def _precondition_chunks(q_nBHCD, k_nBHCD, b_nBHC, a0s):
+def _precondition_chunks(q_nBHCD, k_nBHCD, b_nBHC, a0s, lam_H=None):
     """q~_i = A_i^{-1} q_i for every token of a batch of chunks, given A_0, the state A at each chunk's start.
 
     Batched over chunks: R_0 = A_0^{-1} (``spd_inverse``), N = diag(b) + K R_0 K^T = L L^T and the causal
     solves of ``_causal_solve``.  Inverting the accumulated A is more accurate in float32 than carrying R by
     Woodbury downdates (1e-4 against 2e-4 relative error for N(0, 1) keys with d=64, lambda=10).
-    Returns q~ [n, B, H, C, D], M = L^{-1} K R_0 [n, B, H, C, D] and R_0 [n, B, H, D, D].
+    ``a0s`` None: one chunk that starts the sequence, A_0 = I / lambda, so R_0 = lambda I (``lam_H``) needs no
+    factorisation and its products are scalings.
+    Returns q~ [n, B, H, C, D], M = L^{-1} K R_0 [n, B, H, C, D] and R_0 ([n, B, H, D, D], or lambda [H]).
     """
     c = q_nBHCD.shape[-2]
-    r0s = spd_inverse(0.5 * (a0s + jnp.swapaxes(a0s, -1, -2)))
-    k_r0 = k_nBHCD @ r0s  # K R_0 [C, D]
+    r0s = lam_H if a0s is None else spd_inverse(0.5 * (a0s + jnp.swapaxes(a0s, -1, -2)))
+    k_r0 = _times_r0(k_nBHCD, r0s)  # K R_0 [C, D]
     eye_C = jnp.eye(c, dtype=q_nBHCD.dtype)
     n_CC = k_r0 @ jnp.swapaxes(k_nBHCD, -1, -2) + (eye_C if b_nBHC is None else b_nBHC[..., :, None] * eye_C)
     _, l_inv = cholesky_with_inverse(0.5 * (n_CC + jnp.swapaxes(n_CC, -1, -2)))
@@ -271,12 +281,14 @@ def _group_size(n: int, batch_heads: int) -> int:
     return -(-n // groups)
 
 
-def _mesa_group_forward(lam_H, carry, xs):
+def _mesa_group_forward(lam_H, carry, xs, fresh: bool = False):
     """A batch of chunks: the chunk-start states from the carried state, then every chunk's solve and outputs.
 
     carry = (S = [sum w k k^T | sum w k v^T] [B, H, D, D + V], log of the decay) over all earlier tokens;
-    xs = (q, k, v, log gamma or None) [g, B, H, C, ...].  Returns the carry after the batch and
-    (out, residuals of the backward pass: q~, M, R_0, G_0^T, scores)."""
+    xs = (q, k, v, log gamma or None) [g, B, H, C, ...].  ``fresh``: the batch is the sequence's only chunk
+    (carry zero): A_0 = I / lambda and G_0 = 0, so R_0 = lambda I and the chunk-start terms are left out.
+    Returns the carry after the batch and (out, residuals of the backward pass: q~, M, R_0 (lambda [H] when
+    ``fresh``), G_0^T (None when ``fresh``), scores)."""
     s0, log_beta = carry
     q, k, v, logg = xs
     d = q.shape[-1]
@@ -285,18 +297,19 @@ def _mesa_group_forward(lam_H, carry, xs):
     # A and G^T at every chunk's start in one recursion: contributions K^T W [K | V] [D, D + V]
     contrib = jnp.einsum("nbhld,nbhle->nbhde", _scale(to_end, k), jnp.concatenate([k, v], axis=-1))
     s_end, s0s = _chunk_states(contrib, None if b is None else b[..., -1], init=s0)
-    a0s, g0s_T = s0s[..., :d], s0s[..., d:]
+    a0s, g0s_T = (None, None) if fresh else (s0s[..., :d], s0s[..., d:])
     # A_0 = beta I / lambda + the keys' sum, beta = the decay before the chunk
     if cum is None:
         beta = jnp.ones(q.shape[:3], q.dtype)
     else:
         beta = jnp.exp(log_beta + _decay_before_chunk(cum))
         log_beta = log_beta + jnp.sum(cum[..., -1], axis=0)
-    a0s = a0s + (beta / lam_H)[..., None, None] * jnp.eye(d, dtype=q.dtype)
-    q_tilde, m, r0s = _precondition_chunks(q, k, b, a0s)
+    if not fresh:
+        a0s = a0s + (beta / lam_H)[..., None, None] * jnp.eye(d, dtype=q.dtype)
+    q_tilde, m, r0s = _precondition_chunks(q, k, b, a0s, lam_H)
     # out_i = b_i G_0 q~_i + sum_{l <= i} w_il (q~_i . k_l) v_l
     scores = _causal(rel, q_tilde @ jnp.swapaxes(k, -1, -2))
-    out = _scale(b, q_tilde @ g0s_T) + scores @ v
+    out = scores @ v if fresh else _scale(b, q_tilde @ g0s_T) + scores @ v
     return (s_end, log_beta), (out, (q_tilde, m, r0s, g0s_T, scores))
 
 
@@ -310,9 +323,9 @@ def _mesa_chunks_forward(q_nBHCD, k_nBHCD, v_nBHCV, logg_nBHC, lam_H, grouped: b
     n, bsz, h, _, d = q_nBHCD.shape
     dtype = q_nBHCD.dtype
     init = (jnp.zeros((bsz, h, d, d + v_nBHCV.shape[-1]), dtype), jnp.zeros((bsz, h), dtype))
-    body = functools.partial(_mesa_group_forward, lam_H)
+    body = functools.partial(_mesa_group_forward, lam_H, fresh=n == 1)  # T <= C: one chunk from A_0 = I / lambda
     xs = (q_nBHCD, k_nBHCD, v_nBHCV, logg_nBHC)
-    if grouped:
+    if grouped and n > 1:
         g = _group_size(n, bsz * h)
         assert n % g == 0, (n, g)
         grouped_xs = jax.tree_util.tree_map(lambda x: x.reshape((n // g, g) + x.shape[1:]), xs)
@@ -378,30 +391,35 @@ def _mesa_chunks_bwd(res, d_out_nBHCV):
     cum = None if logg is None else jnp.cumsum(logg, axis=-1)
     b, rel, to_end = _decay_within(cum)
     k_T = jnp.swapaxes(k, -1, -2)
+    single = g0s_T is None  # the sequence is one chunk: no state before it, none carried after it
     # u_t = G_t^T dout_t and dq_t = A_t^{-1} u_t, all chunks at once
     dout_v_raw = d_out @ jnp.swapaxes(v, -1, -2)  # [i, l] = dout_i.v_l
     dout_v = _causal(rel, dout_v_raw)
-    u = _scale(b, d_out @ jnp.swapaxes(g0s_T, -1, -2)) + dout_v @ k
+    u = dout_v @ k if single else _scale(b, d_out @ jnp.swapaxes(g0s_T, -1, -2)) + dout_v @ k
     dq = _causal_solve(r0s, m, u, b)
-    # cotangents of the states at every chunk's end, from the later chunks: [A | G^T] in one recursion
-    contrib = jnp.einsum("nbhid,nbhie->nbhde", _scale(b, q_tilde), jnp.concatenate([-dq, d_out], axis=-1))
-    _, s_bar = _chunk_states(contrib, None if b is None else b[..., -1], reverse=True)
-    a_bar, g_bar_T = s_bar[..., :d], s_bar[..., d:]  # [D, D] and [D, V]
     # scores[i, l] = w_il q~_i.k_l (saved by the forward pass)
     dq_k_raw = dq @ k_T  # [i, l] = dq_i.k_l
     scores_T = jnp.swapaxes(scores, -1, -2)
-    dv = scores_T @ d_out + _scale(to_end, k @ g_bar_T)
-    state_g = v @ jnp.swapaxes(g_bar_T, -1, -2)  # from G after the chunk
-    state_a = k @ (a_bar + jnp.swapaxes(a_bar, -1, -2))  # from A after the chunk
-    dk = jnp.swapaxes(_causal(rel, dout_v_raw - dq_k_raw), -1, -2) @ q_tilde - scores_T @ dq + _scale(
-        to_end, state_g + state_a
-    )
+    dv = scores_T @ d_out
+    dk = jnp.swapaxes(_causal(rel, dout_v_raw - dq_k_raw), -1, -2) @ q_tilde - scores_T @ dq
+    if not single:
+        # cotangents of the states at every chunk's end, from the later chunks: [A | G^T] in one recursion
+        contrib = jnp.einsum("nbhid,nbhie->nbhde", _scale(b, q_tilde), jnp.concatenate([-dq, d_out], axis=-1))
+        _, s_bar = _chunk_states(contrib, None if b is None else b[..., -1], reverse=True)
+        a_bar, g_bar_T = s_bar[..., :d], s_bar[..., d:]  # [D, D] and [D, V]
+        state_g = v @ jnp.swapaxes(g_bar_T, -1, -2)  # from G after the chunk
+        state_a = k @ (a_bar + jnp.swapaxes(a_bar, -1, -2))  # from A after the chunk
+        dv = dv + _scale(to_end, k @ g_bar_T)
+        dk = dk + _scale(to_end, state_g + state_a)
     if cum is None:
         dlam = jnp.einsum("nbhid,nbhid->h", dq, q_tilde) / lam_H**2
         return dq, dk, dv, None, dlam.astype(lam_H.dtype)
     # k_l.dk^G_l and k_l.dk^A_l without forming dk^G, dk^A: column sums over the pair matrices
-    k_dk_g = jnp.sum(dout_v_raw * scores, axis=-2) + to_end * jnp.sum(k * state_g, axis=-1)
-    k_dk_a = -2 * jnp.sum(dq_k_raw * scores, axis=-2) + to_end * jnp.sum(k * state_a, axis=-1)
+    k_dk_g = jnp.sum(dout_v_raw * scores, axis=-2)
+    k_dk_a = -2 * jnp.sum(dq_k_raw * scores, axis=-2)
+    if not single:
+        k_dk_g = k_dk_g + to_end * jnp.sum(k * state_g, axis=-1)
+        k_dk_a = k_dk_a + to_end * jnp.sum(k * state_a, axis=-1)
     dc = jnp.sum(q_tilde * u - dq * q, axis=-1) - k_dk_g - 0.5 * k_dk_a  # [n, B, H, C]
     # c_t = sum_{s<=t} log gamma_s over the whole sequence: d log gamma = reverse cumulative sum of dc
     n, bsz, h, c = dc.shape

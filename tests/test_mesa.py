@@ -138,27 +138,29 @@ def test_long_sequence_weak_lambda_stays_finite_and_exact():
     assert np.linalg.norm(out[0, -1, 0] - last) / np.linalg.norm(last) < 1e-4
 
 
-def test_gradients_match_the_sequential_form_and_finite_differences():
+@pytest.mark.parametrize("chunk, forgetting", [(6, True), (32, True), (32, False)])  # 32 >= T: one chunk
+def test_gradients_match_the_sequential_form_and_finite_differences(chunk, forgetting):
     q, k, v = (jnp.asarray(x, jnp.float32) for x in inputs((1, 19, 2, 4), seed=7))
     lam = jnp.array([0.7, 2.0])
     gamma = jnp.asarray(np.random.default_rng(3).uniform(0.85, 1.0, size=(1, 19, 2)), jnp.float32)
     cot = jnp.asarray(np.random.default_rng(4).normal(size=(1, 19, 2, 4)), jnp.float32)
+    n_args = 5 if forgetting else 4
 
-    def loss_chunked(q, k, v, lam, gamma):
-        return jnp.sum(mesa.mesa_chunked(q, k, v, lam, gamma, chunk_size=6) * cot)
+    def loss_chunked(q, k, v, lam, gamma=None):
+        return jnp.sum(mesa.mesa_chunked(q, k, v, lam, gamma, chunk_size=chunk) * cot)
 
-    def loss_seq(q, k, v, lam, gamma):
+    def loss_seq(q, k, v, lam, gamma=None):
         return jnp.sum(mesa.mesa_sequential(q, k, v, lam, gamma)[0] * cot)
 
-    args = (q, k, v, lam, gamma)
-    g_chunk = jax.grad(loss_chunked, argnums=(0, 1, 2, 3, 4))(*args)
-    g_seq = jax.grad(loss_seq, argnums=(0, 1, 2, 3, 4))(*args)
+    args = (q, k, v, lam, gamma)[:n_args]
+    g_chunk = jax.grad(loss_chunked, argnums=tuple(range(n_args)))(*args)
+    g_seq = jax.grad(loss_seq, argnums=tuple(range(n_args)))(*args)
     for a, b in zip(g_chunk, g_seq, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4)
     # central finite differences along random directions, in float64 numpy on the direct solve
     rng = np.random.default_rng(8)
     base = [np.asarray(x, np.float64) for x in args]
-    for index in range(5):
+    for index in range(n_args):
         direction = rng.normal(size=base[index].shape)
         if index == 4:
             direction *= 0.01
@@ -167,7 +169,7 @@ def test_gradients_match_the_sequential_form_and_finite_differences():
         def at(sign, index=index, direction=direction, eps=eps):
             moved = [x.copy() for x in base]
             moved[index] = moved[index] + sign * eps * direction
-            qq, kk, vv, ll, gg = moved
+            qq, kk, vv, ll, gg = moved + [None] * (5 - n_args)
             return np.sum(direct_mesa(qq, kk, vv, ll, gg) * np.asarray(cot, np.float64))
 
         numeric = (at(1) - at(-1)) / (2 * eps)
