@@ -82,14 +82,16 @@ def test_all_forms_agree_with_direct_solve(chunk, gamma_low):
     np.testing.assert_allclose(np.einsum("bhts,bshv->bthv", weights, v), sequential, rtol=1e-4, atol=1e-4)
 
 
-def test_decoding_equals_the_parallel_form():
+@pytest.mark.parametrize("prefix_chunk", [8, 32])  # 32: the 20-token prefix is one chunk
+def test_decoding_equals_the_parallel_form(prefix_chunk):
     q, k, v = inputs((2, 30, 3, 6), seed=3)
     lam_h = np.array([0.5, 1.0, 4.0])
     gamma = np.random.default_rng(2).uniform(0.9, 1.0, size=(2, 30, 3))
     parallel, state = mesa.mesa_chunked(f32(q[:, :20]), f32(k[:, :20]), f32(v[:, :20]), f32(lam_h),
-                                        f32(gamma[:, :20]), chunk_size=8, return_state=True)
+                                        f32(gamma[:, :20]), chunk_size=prefix_chunk, return_state=True)
     full = mesa.mesa_chunked(f32(q), f32(k), f32(v), f32(lam_h), f32(gamma), chunk_size=8)
-    np.testing.assert_allclose(parallel, full[:, :20], rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if prefix_chunk == 8 else 1e-4  # the same chunks up to float rounding, or other chunks
+    np.testing.assert_allclose(parallel, full[:, :20], rtol=tol, atol=tol)
     outs = []
     for t in range(20, 30):  # continue token by token from the prefix state
         state, out = mesa.mesa_decode_step(state, f32(q[:, t]), f32(k[:, t]), f32(v[:, t]), f32(gamma[:, t]))
