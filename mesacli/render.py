@@ -268,7 +268,8 @@ def icl_score_title(spec: Any) -> str:
 
 def ledger_table(statuses: list[Any]) -> Group:
     """`mesacli reproduce status`: one row per ledger entry, then the totals."""
-    from mesacli.reproduce.report import fmt_value, verdict
+    from mesacli.reproduce.metrics import fmt_value
+    from mesacli.reproduce.report import verdict
     from mesacli.reproduce.run import format_seconds
     from mesacli.reproduce.status import total_cpu_left
 
@@ -278,7 +279,7 @@ def ledger_table(statuses: list[Any]) -> Group:
         table.add_column(name, justify=justify)
     for s in statuses:
         style = {"within": "green", "holds": "green", "**MISS**": "red", "**FAILS**": "red"}.get(verdict(s), "")
-        ours = fmt_value(s.ours) + (f" @{s.ours_step}" if s.ours is not None and not s.done else "")
+        ours = s.ours_text(at=" @")
         table.add_row(s.entry.id, fmt_value(s.paper), ours, "–" if s.ratio is None else f"{s.ratio:.2f}",
                       Text(verdict(s).strip("*"), style=style), s.state,
                       format_seconds(s.cpu_left_s) if s.cpu_left_s else "–")

@@ -282,6 +282,22 @@ def test_status_marks_a_run_of_another_spec_as_outdated(tmp_path):
                       say=lambda _: None)
 
 
+def test_an_entry_on_a_run_of_several_seeds_reads_their_mean_and_shows_each(tmp_path):
+    experiments = _tiny_experiments(tmp_path, train={"seeds": 2, "seed": 3})
+    ledger = load_ledger(_write_ledger(tmp_path, TINY_LEDGER.replace("PAPER_OK", "1").replace("PAPER_MISS", "1")),
+                         experiments)
+    results = tmp_path / "results"
+    reproduce_run(ledger, ["tiny-t8-miss"], results_dir=results, experiments_dir=experiments, progress=False,
+                  say=lambda _: None)
+    status = ledger_status(ledger, ["tiny-t8-miss"], results, experiments)[0]
+    assert status.done and len(status.ours_per_seed) == 2 and status.ours_per_seed[0] != status.ours_per_seed[1]
+    assert status.ours == pytest.approx(np.mean(status.ours_per_seed), rel=1e-6)  # the mean curve's value
+    assert json.loads(json.dumps(status.to_json()))["ours_per_seed"] == list(status.ours_per_seed)
+    a, b = (metrics.fmt_value(v) for v in status.ours_per_seed)
+    assert status.ours_text() == f"{metrics.fmt_value(status.ours)} (seeds {a} / {b})"
+    assert f"(seeds {a} / {b})" in write_report([status], results_dir=results).read_text()
+
+
 LONGER_LEDGER = """
 specs:
   tiny: {step_seconds: 0.5, analyses: [eval]}

@@ -49,8 +49,9 @@ class MetricRef:
 
 @dataclasses.dataclass(frozen=True)
 class Reading:
-    value: float | bool | None
+    value: float | bool | None  # of a run of several seeds (train.seeds > 1): the value of their mean curve
     step: int | None  # checkpoint step of the record
+    per_seed: tuple[float | None, ...] | None = None  # the value of every seed's own curve, when the record has them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,15 @@ class Metric:
 
 
 MISSING = Reading(None, None)
+
+
+def fmt_value(value) -> str:
+    """A metric value for a table: 3 significant digits (2 after the point below 1e-3), yes / no, '–' if none."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
 
 
 def load_record(path: Path) -> dict | None:
@@ -106,11 +116,12 @@ def _eval_reader(baseline: str | None, position: str) -> Callable[[Path], Readin
         record = latest_eval_record(run_dir)
         if record is None:
             return MISSING
-        if baseline is None:
-            curve = record["per_position_loss"]
-        else:
+        if baseline is not None:
             curve = pick(record.get("baselines", {}), {"gd1": "GD-1", "ridge": "ridge"}[baseline])
-        return Reading(_at(curve, position), record.get("step"))
+            return Reading(_at(curve, position), record.get("step"))
+        seeds = record.get("per_seed")  # train.seeds > 1: {seed: {"per_position_loss": ...}}
+        per_seed = None if not seeds else tuple(_at(r["per_position_loss"], position) for r in seeds.values())
+        return Reading(_at(record["per_position_loss"], position), record.get("step"), per_seed)
     return read
 
 

@@ -13,19 +13,12 @@ import re
 from pathlib import Path
 
 from mesacli.reproduce import metrics
+from mesacli.reproduce.metrics import fmt_value
 from mesacli.reproduce.status import RESULTS_DIR, EntryStatus
 from mesacli.rundir import SOLVER_DIR
 
 REPORT_FILE = "REPORT.md"
 FIGURES_DIR = "figures"
-
-
-def fmt_value(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
 
 
 def verdict(status: EntryStatus) -> str:
@@ -175,8 +168,7 @@ def write_report(statuses: list[EntryStatus], results_dir: Path = RESULTS_DIR, *
             what = e.claim or e.metric
             if e.checks:
                 what += " (" + "; ".join(f"`{c}`" for c in e.checks) + ")"
-            at_step = s.ours is not None and s.ours_step is not None and not s.done  # (a model-free record: no step)
-            ours = fmt_value(s.ours) + (f" @ {s.ours_step}" if at_step else "")
+            ours = s.ours_text()
             ratio = "–" if s.ratio is None else f"{s.ratio:.2f}"
             lines.append(f"| `{e.id}` | {e.spec} | {what} | {fmt_value(s.paper)} | {ours} | {ratio} | "
                          f"{verdict(s)} | {s.state} |")

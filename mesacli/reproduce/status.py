@@ -69,6 +69,17 @@ class EntryStatus:
     cpu_left_s: float
     values: dict[str, float | bool | None]  # every metric the entry reads ("spec:metric" -> value)
     cpu_by_spec: dict[str, float] = dataclasses.field(default_factory=dict)  # cpu_left_s, per spec it reads
+    ours_per_seed: tuple[float | None, ...] | None = None  # a run of several seeds: ``ours`` of each (its mean)
+
+    def ours_text(self, at: str = " @ ") -> str:
+        """``ours`` for a table: the value, each seed's after it ("0.030 (seeds 0.028 / 0.032)"), and the
+        record's checkpoint step while the entry is not done."""
+        text = metrics.fmt_value(self.ours)
+        if self.ours_per_seed:
+            text += " (seeds " + " / ".join(metrics.fmt_value(v) for v in self.ours_per_seed) + ")"
+        if self.ours is not None and self.ours_step is not None and not self.done:
+            text += f"{at}{self.ours_step}"
+        return text
 
     @property
     def done(self) -> bool:
@@ -78,9 +89,9 @@ class EntryStatus:
         e = self.entry
         return {"id": e.id, "figure": e.figure, "spec": e.spec, "seeds": e.seeds, "metric": e.metric,
                 "claim": e.claim, "checks": list(e.checks), "paper": self.paper, "ours": self.ours,
-                "ours_step": self.ours_step, "ratio": self.ratio, "tolerance": e.tolerance, "within": self.within,
-                "state": self.state, "cpu_left_s": round(self.cpu_left_s, 1), "source": e.source, "note": e.note,
-                "values": self.values}
+                "ours_step": self.ours_step, "ours_per_seed": self.ours_per_seed, "ratio": self.ratio,
+                "tolerance": e.tolerance, "within": self.within, "state": self.state,
+                "cpu_left_s": round(self.cpu_left_s, 1), "source": e.source, "note": e.note, "values": self.values}
 
 
 def shipped_spec(name: str, experiments_dir: Path = EXPERIMENTS_DIR):
@@ -149,13 +160,14 @@ def analysis_current(analysis: str, plan, state: RunState) -> bool:
 
 
 def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> EntryStatus:
-    values, steps, pending = {}, {}, []
+    values, steps, seeds, pending = {}, {}, {}, []
     for ref in entry.metric_refs():
         state = states[ref.spec]
         metric = metrics.parse_metric(ref.metric)
         reading = metric.read(state.run_dir)
         values[str(ref)] = reading.value
         steps[str(ref)] = reading.step
+        seeds[str(ref)] = reading.per_seed
         produced_by = ledger.specs[ref.spec].analysis_for(metric.analysis)
         stale = produced_by is not None and not analysis_current(produced_by, ledger.specs[ref.spec], state)
         old_step = needs_model(metric.analysis) and reading.step != state.total_steps
@@ -187,14 +199,14 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> 
             if not all(needs_model(a) for a in waiting):
                 cpu += plan.solver_seconds
         cpu_by_spec[run.name] = cpu
-    ours = ours_step = ratio = None
+    ours = ours_step = ratio = per_seed = None
     if entry.metric is not None:
         main = metrics.MetricRef(entry.spec, entry.metric)
         if str(main) in values:
-            ours, ours_step = values[str(main)], steps[str(main)]
+            ours, ours_step, per_seed = values[str(main)], steps[str(main)], seeds[str(main)]
         else:  # a claim with a headline number that its checks do not read
             reading = metrics.parse_metric(entry.metric).read(states[entry.spec].run_dir)
-            ours, ours_step = reading.value, reading.step
+            ours, ours_step, per_seed = reading.value, reading.step, reading.per_seed
         if isinstance(ours, float) and entry.paper:
             ratio = ours / entry.paper
     if entry.checks:
@@ -204,7 +216,7 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> 
     else:
         within = None if ratio is None else bool(abs(ratio - 1.0) <= entry.tolerance)
     return EntryStatus(entry, entry.paper, ours, ours_step, ratio, within, state, sum(cpu_by_spec.values()), values,
-                       cpu_by_spec)
+                       cpu_by_spec, per_seed)
 
 
 def ledger_status(ledger: Ledger, ids: list[str] | None = None, results_dir: Path = RESULTS_DIR,
