@@ -160,14 +160,11 @@ def analysis_current(analysis: str, plan, state: RunState) -> bool:
 
 
 def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> EntryStatus:
-    values, steps, seeds, pending = {}, {}, {}, []
+    readings, pending = {}, []
     for ref in entry.metric_refs():
         state = states[ref.spec]
         metric = metrics.parse_metric(ref.metric)
-        reading = metric.read(state.run_dir)
-        values[str(ref)] = reading.value
-        steps[str(ref)] = reading.step
-        seeds[str(ref)] = reading.per_seed
+        reading = readings[str(ref)] = metric.read(state.run_dir)
         produced_by = ledger.specs[ref.spec].analysis_for(metric.analysis)
         stale = produced_by is not None and not analysis_current(produced_by, ledger.specs[ref.spec], state)
         old_step = needs_model(metric.analysis) and reading.step != state.total_steps
@@ -199,24 +196,22 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> 
             if not all(needs_model(a) for a in waiting):
                 cpu += plan.solver_seconds
         cpu_by_spec[run.name] = cpu
-    ours = ours_step = ratio = per_seed = None
+    values = {ref: reading.value for ref, reading in readings.items()}
+    main, ratio = metrics.MISSING, None
     if entry.metric is not None:
-        main = metrics.MetricRef(entry.spec, entry.metric)
-        if str(main) in values:
-            ours, ours_step, per_seed = values[str(main)], steps[str(main)], seeds[str(main)]
-        else:  # a claim with a headline number that its checks do not read
-            reading = metrics.parse_metric(entry.metric).read(states[entry.spec].run_dir)
-            ours, ours_step, per_seed = reading.value, reading.step, reading.per_seed
-        if isinstance(ours, float) and entry.paper:
-            ratio = ours / entry.paper
+        main = readings.get(str(metrics.MetricRef(entry.spec, entry.metric)))
+        if main is None:  # a claim with a headline number that its checks do not read
+            main = metrics.parse_metric(entry.metric).read(states[entry.spec].run_dir)
+        if isinstance(main.value, float) and entry.paper:
+            ratio = main.value / entry.paper
     if entry.checks:
         results = [metrics.evaluate_check(metrics.parse_check(c), lambda ref: values[str(ref.on(entry.spec))],
                                           entry.tolerance) for c in entry.checks]
         within = None if any(r is None for r in results) else all(results)
     else:
         within = None if ratio is None else bool(abs(ratio - 1.0) <= entry.tolerance)
-    return EntryStatus(entry, entry.paper, ours, ours_step, ratio, within, state, sum(cpu_by_spec.values()), values,
-                       cpu_by_spec, per_seed)
+    return EntryStatus(entry, entry.paper, main.value, main.step, ratio, within, state, sum(cpu_by_spec.values()),
+                       values, cpu_by_spec, main.per_seed)
 
 
 def ledger_status(ledger: Ledger, ids: list[str] | None = None, results_dir: Path = RESULTS_DIR,
