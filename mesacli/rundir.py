@@ -98,12 +98,14 @@ def read_spec(run_dir: str | Path, load: SpecLoader) -> Any:
     return load(run_dir / SPEC_FILE)
 
 
-def open_checkpoints(run_dir: Path, spec: Any, read_only: bool = False) -> Checkpoints:
-    """The run's checkpoint manager (keeping ``spec.train.keep_checkpoints``); read-only needs the folder to exist."""
+def open_checkpoints(run_dir: Path, spec: Any, read_only: bool = False, moments_dtype: str | None = None
+                     ) -> Checkpoints:
+    """The run's checkpoint manager (keeping ``spec.train.keep_checkpoints``); read-only needs the folder to exist;
+    ``moments_dtype``: compact checkpoints (``mesacli.checkpoint``)."""
     directory = Path(run_dir) / CHECKPOINT_DIR
     if read_only and not directory.is_dir():
         raise MesaError(f"no checkpoint found in {directory}")
-    return Checkpoints(directory, keep=spec.train.keep_checkpoints, read_only=read_only)
+    return Checkpoints(directory, keep=spec.train.keep_checkpoints, read_only=read_only, moments_dtype=moments_dtype)
 
 
 def checkpoint_steps(run_dir: Path, spec: Any) -> list[int]:
@@ -167,6 +169,9 @@ def resume_state(spec: Any, ckpts: Checkpoints, template: dict,
         return None
     step, state, meta = found
     _check_spec(spec, meta, ckpts)
+    if meta.get("moments_dtype"):
+        warn(f"note: the optimiser moments of checkpoint step {step} were stored in {meta['moments_dtype']} "
+             f"(a compact checkpoint): training goes on from them rounded, not bit-identical to an uninterrupted run")
     return state, step
 
 

@@ -201,12 +201,16 @@ def train(
     on_log: Callable[[int, float], None] | None = None,
     warn: Callable[[str], None] = warn_stderr,
     start_from: str | Path | None = None,
+    moments_dtype: str | None = None,
 ) -> TrainResult:
     """Train ``spec`` in ``run_dir``, resuming from its latest checkpoint if there is one.
 
     ``start_from``: a finished shorter run of the same recipe (``rundir.start_from_run``) whose latest checkpoint
     a run directory without checkpoints starts from, e.g. a 20k-step run from a 10k-step one (ignored once
     ``run_dir`` has its own checkpoints).
+
+    ``moments_dtype`` ("bfloat16"): compact checkpoints, AdamW's moments stored in that dtype (a third smaller; a
+    resume from one continues from rounded moments).
 
     ``stop_at_step`` ends the session early (as an interruption would) after saving a checkpoint.
     Raises TrainingDiverged on a non-finite loss, keeping the last good checkpoint.  An unreadable newest
@@ -230,7 +234,7 @@ def train(
     state = init_state(spec, mesh)
     if start_from is not None and not rundir.saved_steps(run_dir):
         rundir.start_from_run(start_from, run_dir, spec, load_spec, state, meta, write=primary)
-    ckpts = rundir.open_checkpoints(run_dir, spec)
+    ckpts = rundir.open_checkpoints(run_dir, spec, moments_dtype=moments_dtype)
     resumed, resumed_from = rundir.resume_state(spec, ckpts, state, warn), None
     if resumed is not None:
         state, resumed_from = resumed

@@ -35,6 +35,15 @@ def test_interrupted_session_resumes(tiny_spec_file, tmp_path):
     assert second.exit_code == 0 and "resumed from step 2" in second.output
 
 
+def test_compact_checkpoints_are_noted_when_a_run_resumes_from_one(tiny_spec_file, tmp_path):
+    spec, run = tiny_spec_file(), tmp_path / "run"
+    first = invoke("train", spec, "--run-dir", run, "--no-progress", "--stop-at", "2", "--compact-checkpoints")
+    assert first.exit_code == 0, first.output
+    second = invoke("train", spec, "--run-dir", run, "--no-progress")
+    assert second.exit_code == 0 and "resumed from step 2" in second.output
+    assert "stored in bfloat16" in second.output
+
+
 def test_dry_run_prints_the_resolved_spec(tiny_spec_file):
     result = invoke("train", tiny_spec_file(), "--dry-run", "--set", "model.layers=5")
     assert result.exit_code == 0

@@ -336,6 +336,21 @@ def test_a_longer_run_starts_from_the_shorter_one(tmp_path):
         load_ledger(_write_ledger(tmp_path, LONGER_LEDGER), experiments)
 
 
+def test_a_spec_with_compact_checkpoints_commits_them(tmp_path):
+    from mesacli.checkpoint import Checkpoints
+
+    experiments = _tiny_experiments(tmp_path)
+    ledger = load_ledger(_write_ledger(tmp_path, TINY_LEDGER.replace("PAPER_OK", "1").replace("PAPER_MISS", "1")
+                                       .replace("analyses: [eval]}", "analyses: [eval], compact_checkpoints: true}")),
+                         experiments)
+    assert ledger.specs["tiny"].compact_checkpoints
+    results = tmp_path / "results"
+    reproduce_run(ledger, None, results_dir=results, experiments_dir=experiments, progress=False, say=lambda _: None)
+    ckpts = Checkpoints(results / "tiny" / "checkpoints", read_only=True)
+    assert ckpts.restore_meta()["moments_dtype"] == "bfloat16"
+    ckpts.close()
+
+
 def test_specs_with_work_and_one_spec_of_the_work(tmp_path):
     experiments = _tiny_experiments(tmp_path)
     (experiments / "tiny_long.yaml").write_text(yaml.safe_dump(merge(TINY, {"name": "tiny_long",

@@ -112,6 +112,53 @@ def test_save_restore_equality(tmp_path):
     assert_trees_equal(state, restored)
 
 
+def test_compact_checkpoint_keeps_the_parameters_and_rounds_the_moments_to_bfloat16(tmp_path):
+    spec = tiny_spec(model={"embed_dim": 24})
+    mesh = make_mesh()
+    state = init_state(spec, mesh)
+    step = make_train_step(spec, mesh)
+    for _ in range(3):
+        state, _ = step(state)
+    full, compact = Checkpoints(tmp_path / "full"), Checkpoints(tmp_path / "compact", moments_dtype="bfloat16")
+    full.save(3, state, {"note": "x"})
+    compact.save(3, state, {"note": "x"})
+    restored, meta = compact.restore(init_state(spec, mesh))
+    full.close(), compact.close()
+    assert meta == {"note": "x", "moments_dtype": "bfloat16"}
+    assert_trees_equal(state["params"], restored["params"])
+    assert int(restored["step"]) == 3
+    moments = [(a, b) for a, b in zip(jax.tree_util.tree_leaves(state["opt_state"]),
+                                      jax.tree_util.tree_leaves(restored["opt_state"]), strict=True) if a.ndim > 0]
+    assert moments and all(b.dtype == a.dtype == np.float32 for a, b in moments)
+    for a, b in moments:  # each moment is its float32 value rounded to bfloat16 (8 significant bits)
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a.astype(jax.numpy.bfloat16).astype(np.float32)))
+    assert any(not np.array_equal(a, b) for a, b in moments), "the moments were not rounded"
+
+    def array_bytes(d):  # the arrays' data files (Orbax's OCDBT store), not the fixed-size metadata
+        return sum(f.stat().st_size for f in d.rglob("ocdbt.process_*/d/*") if f.is_file())
+    # AdamW: parameters + two moments; bfloat16 moments make the arrays 4 + 2 + 2 bytes instead of 4 + 4 + 4
+    assert 0 < array_bytes(tmp_path / "compact") < 0.75 * array_bytes(tmp_path / "full")
+
+
+def test_training_resumes_from_a_compact_checkpoint_with_a_note(tmp_path):
+    spec = tiny_spec(model={"attention": "mesa"})
+    full = train(spec, tmp_path / "full", progress=False)
+    part = train(spec, tmp_path / "resumed", progress=False, stop_at_step=3, moments_dtype="bfloat16")
+    assert part.step == 3
+    notes = []
+    resumed = train(spec, tmp_path / "resumed", progress=False, moments_dtype="bfloat16", warn=notes.append)
+    assert resumed.resumed_from == 3 and resumed.step == spec.train.steps
+    assert len(notes) == 1 and "bfloat16" in notes[0] and "not bit-identical" in notes[0]
+    # the rounded moments change the steps after the resume only a little
+    for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(resumed.params), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-3 * float(np.abs(a).max()) + 1e-6)
+
+
+def test_unknown_moments_dtype_is_refused(tmp_path):
+    with pytest.raises(MesaError, match="moments dtype"):
+        Checkpoints(tmp_path / "x", moments_dtype="float8")
+
+
 def test_resume_ends_with_the_same_parameters(tmp_path):
     spec = tiny_spec(model={"attention": "mesa"})
     full = train(spec, tmp_path / "full", progress=False)

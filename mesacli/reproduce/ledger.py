@@ -46,6 +46,9 @@ class SpecPlan:
     note: str = ""  # where the spec deviates from the paper
     # a ledger spec whose finished run this one continues (train --start-from): the same recipe, fewer steps
     start_from: str | None = None
+    # train --compact-checkpoints: AdamW's moments stored in bfloat16, for a model whose float32 resumable state
+    # (parameters and two moments) would not fit the committed record's 5 MB per experiment
+    compact_checkpoints: bool = False
 
     def probe_options(self) -> dict:
         return {"distil_steps": self.distil_steps, "prop2_train_steps": self.prop2_train_steps}

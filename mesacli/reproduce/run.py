@@ -183,7 +183,7 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
                     say(f"{head}: training from {begin}{left()}")
                     started = time.time()
                     result = train(shipped_spec(name, experiments_dir), state.run_dir, progress=progress,
-                                   start_from=source)
+                                   start_from=source, moments_dtype="bfloat16" if plan.compact_checkpoints else None)
                     trained = result.step - (result.resumed_from or 0)
                     pace = f", {result.seconds / trained:.2f} s/step" if trained > 0 else ""
                     stages.append(Stage(name, "train", time.time() - started,
