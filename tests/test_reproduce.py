@@ -183,6 +183,21 @@ def test_budget_parsing():
             parse_budget(bad)
 
 
+def test_progress_lines_say_the_step_and_pace_at_most_every_interval():
+    from mesacli.reproduce.run import progress_lines
+
+    now, said = [100.0], []
+    on_log = progress_lines(said.append, "tiny", 1000, lambda: ", budget left 1h00m", every_s=60.0,
+                            clock=lambda: now[0])
+    for t, step in [(130.0, 10), (150.0, 20), (185.0, 50), (200.0, 60), (260.0, 110)]:
+        now[0] = t
+        on_log(step, 0.5)
+    # the first flush (after compilation) only starts the clock; 55 s later is too soon; 50 steps in 70 s, then
+    # 50 steps in 60 s
+    assert said == ["tiny: step 60/1,000, loss 0.5, 1.40 s/step, budget left 1h00m",
+                    "tiny: step 110/1,000, loss 0.5, 1.20 s/step, budget left 1h00m"]
+
+
 # ----------------------------------------------------------------------------- status, run, report on tiny runs
 
 TINY_LEDGER = """

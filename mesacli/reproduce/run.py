@@ -56,6 +56,30 @@ def start_point(plan, results_dir: Path) -> Path | None:
     return source if rundir.saved_steps(source) else None
 
 
+PROGRESS_LINE_SECONDS = 600.0  # without progress bars, a line per training run this often
+
+
+def progress_lines(say: Callable[[str], None], name: str, total: int, left: Callable[[], str],
+                   every_s: float = PROGRESS_LINE_SECONDS, clock: Callable[[], float] = time.monotonic
+                   ) -> Callable[[int, float], None]:
+    """An ``on_log(step, loss)`` for ``train`` that says, at most every ``every_s`` seconds, where a run without
+    progress bars is: ``name: step s/total, loss, s/step since the last line, budget left``."""
+    last = {"time": clock(), "step": None}
+
+    def on_log(step: int, loss: float) -> None:
+        now = clock()
+        if last["step"] is None:  # the first flush: compilation is behind, time the steps from here
+            last.update(time=now, step=step)
+            return
+        if now - last["time"] < every_s or step <= last["step"]:
+            return
+        pace = (now - last["time"]) / (step - last["step"])
+        say(f"{name}: step {step:,}/{total:,}, loss {loss:.4g}, {pace:.2f} s/step{left()}")
+        last.update(time=now, step=step)
+
+    return on_log
+
+
 @dataclasses.dataclass
 class Stage:
     spec: str
@@ -169,7 +193,8 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
                 raise MesaError(f"{state.run_dir} was trained with a spec other than the shipped {name}.yaml; "
                                 f"move it away to retrain it from the shipped spec")
             wanting = [e.id for e in entries if name in e.specs()]
-            head = f"[{n}/{len(names)}] {name} ({len(wanting)} entries: {', '.join(wanting[:3])}" + \
+            count = f"[{n}/{len(names)}] " if specs is None else ""  # a job of run_jobs works on one spec
+            head = f"{count}{name} ({len(wanting)} entries: {', '.join(wanting[:3])}" + \
                    (", ..." if len(wanting) > 3 else "") + ")"
 
             needs_training = any(name in e.trained_specs() for e in entries)
@@ -183,7 +208,8 @@ def reproduce_run(ledger: Ledger, ids: list[str] | None = None, *, budget_s: flo
                     say(f"{head}: training from {begin}{left()}")
                     started = time.time()
                     result = train(shipped_spec(name, experiments_dir), state.run_dir, progress=progress,
-                                   start_from=source, moments_dtype="bfloat16" if plan.compact_checkpoints else None)
+                                   start_from=source, moments_dtype="bfloat16" if plan.compact_checkpoints else None,
+                                   on_log=None if progress else progress_lines(say, name, state.total_steps, left))
                     trained = result.step - (result.resumed_from or 0)
                     pace = f", {result.seconds / trained:.2f} s/step" if trained > 0 else ""
                     stages.append(Stage(name, "train", time.time() - started,
