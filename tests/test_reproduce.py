@@ -198,6 +198,16 @@ def test_progress_lines_say_the_step_and_pace_at_most_every_interval():
                     "tiny: step 110/1,000, loss 0.5, 1.20 s/step, budget left 1h00m"]
 
 
+def test_report_notes_name_every_entry_of_a_shared_note_once():
+    from types import SimpleNamespace
+
+    from mesacli.reproduce.report import note_lines
+
+    rows = [SimpleNamespace(entry=SimpleNamespace(id=i, note=n))
+            for i, n in [("a", "longer run"), ("b", ""), ("c", "another seed"), ("d", "longer run")]]
+    assert note_lines(rows) == ["- `a`, `d`: longer run", "- `c`: another seed"]
+
+
 # ----------------------------------------------------------------------------- status, run, report on tiny runs
 
 TINY_LEDGER = """

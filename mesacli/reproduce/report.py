@@ -137,6 +137,15 @@ def _icl_figure(rows: list[EntryStatus], results_dir: Path, path: Path, figure: 
     return path
 
 
+def note_lines(rows) -> list[str]:
+    """One line per distinct note of ``rows`` (EntryStatus), naming every entry that carries it, in table order."""
+    holders: dict[str, list[str]] = {}
+    for s in rows:
+        if s.entry.note:
+            holders.setdefault(s.entry.note, []).append(f"`{s.entry.id}`")
+    return [f"- {', '.join(ids)}: {note}" for note, ids in holders.items()]
+
+
 def write_report(statuses: list[EntryStatus], results_dir: Path = RESULTS_DIR, *, about: str = "") -> Path:
     """Write results_dir/REPORT.md and results_dir/figures/*.png; returns the report's path."""
     results_dir = Path(results_dir)
@@ -172,7 +181,7 @@ def write_report(statuses: list[EntryStatus], results_dir: Path = RESULTS_DIR, *
             ratio = "–" if s.ratio is None else f"{s.ratio:.2f}"
             lines.append(f"| `{e.id}` | {e.spec} | {what} | {fmt_value(s.paper)} | {ours} | {ratio} | "
                          f"{verdict(s)} | {s.state} |")
-        notes = [f"- `{s.entry.id}`: {s.entry.note}" for s in rows if s.entry.note]
+        notes = note_lines(rows)
         if notes:
             lines += [""] + notes
         for kind, make in (("position", _position_figure), ("layers", _layer_figure), ("icl", _icl_figure)):
