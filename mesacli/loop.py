@@ -10,7 +10,9 @@
   step, never a save) flush the log, save the last finished step and return ``interrupted = True``;
 - a stalled step (no progress for far longer than the slowest step) ends the process with exit code 75
   (``runtime.StallWatchdog``), the last checkpoint kept;
-- one progress bar (``progress_bar``) shows the step, the loss and the time left.
+- one progress bar (``progress_bar``) shows the step, the loss and the time left;
+- a session that trained steps adds its line to the run directory's ``sessions.jsonl`` (``session_record``: the
+  steps, the wall time, the devices and host), so a run trained over several sessions or machines says where.
 
 ``accumulated_value_and_grad`` is the gradient accumulation over micro-batches used by the train and tune steps.
 """
@@ -31,7 +33,7 @@ from jax.sharding import NamedSharding
 from mesacli import runtime
 from mesacli.checkpoint import Checkpoints, finite_or_none
 from mesacli.errors import MesaError
-from mesacli.rundir import CHECKPOINT_DIR
+from mesacli.rundir import CHECKPOINT_DIR, append_session
 
 
 class TrainingDiverged(MesaError):
@@ -252,6 +254,21 @@ def _good(ckpts: Checkpoints, step: int, template, usable: Callable[[Any], bool]
         return False
 
 
+def session_record(start: int, end: int, seconds: float, started: float, interrupted: bool,
+                   moments_dtype: str | None = None) -> dict:
+    """One training session's provenance: the steps ``start`` -> ``end``, its wall ``seconds`` (compilation
+    included) from ``started`` (UNIX time), whether it was interrupted, and the machine that ran it."""
+    import os
+    import platform
+
+    devices = jax.devices()
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "from_step": start, "to_step": end,
+            "seconds": round(seconds, 1), "interrupted": interrupted, "platform": devices[0].platform,
+            "device": devices[0].device_kind, "devices": len(devices), "processes": jax.process_count(),
+            "host": f"{platform.machine()}, {os.cpu_count()} CPUs", "jax": jax.__version__,
+            "moments_dtype": moments_dtype}
+
+
 @dataclasses.dataclass
 class LoopResult:
     state: Any
@@ -296,4 +313,7 @@ def run(state, *, ckpts: Checkpoints, run_dir: Path, log_path: Path, end: int, t
                                                  on_flush=on_flush, usable=usable)
     finally:
         ckpts.close()
-    return LoopResult(state, step, interrupted, log.last_loss, time.time() - t0)
+    seconds = time.time() - t0
+    if write and step > start:
+        append_session(run_dir, session_record(start, step, seconds, t0, interrupted, ckpts.moments_dtype))
+    return LoopResult(state, step, interrupted, log.last_loss, seconds)

@@ -4,6 +4,7 @@ A run directory (``mesacli train``, ``mesacli lm train``) holds::
 
     spec.yaml         the resolved spec (also in every checkpoint's metadata): the directory describes itself
     metrics.jsonl     one JSON line per logged step (mesacli.loop.MetricLog)
+    sessions.jsonl    one JSON line per training session: the steps it trained, its wall time and the machine
     checkpoints/<s>/  Orbax checkpoints of {params, opt_state, step} and {spec, step, loss} (mesacli.checkpoint)
     eval_curve.json   synthetic task: the final per-position test loss    (eval.json for a language model)
     probe/            ``mesacli probe`` outputs;  prompt_tune/<stage>/: ``mesacli prompt-tune`` outputs
@@ -36,6 +37,7 @@ LM_EVAL_FILE = "eval.json"  # language-model runs
 PROBE_DIR = "probe"
 SOLVER_DIR = "solver"  # records of the analyses that need no trained model (probe.run_model_free)
 TUNE_DIR = "prompt_tune"
+SESSIONS_FILE = "sessions.jsonl"  # provenance: where and how long each training session ran (``append_session``)
 
 SpecLoader = Callable[[Path], Any]
 
@@ -75,6 +77,7 @@ def prepare(spec: Any, run_dir: Path, load: SpecLoader) -> None:
         if stored != spec and not (checkpoints.is_dir() and any(checkpoints.iterdir())):
             spec_path.unlink()  # nothing was trained with the old spec: start over with this one
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
+            (run_dir / SESSIONS_FILE).unlink(missing_ok=True)
         elif stored != spec:
             diff = "; ".join(spec_diff(stored, spec)[:4])
             raise MesaError(
@@ -245,8 +248,8 @@ def start_from_run(source_dir: str | Path, run_dir: str | Path, spec: Any, load:
     """Seed ``run_dir`` (prepared for ``spec``, no checkpoint yet) with the latest checkpoint of ``source_dir``,
     a run of the same recipe with fewer steps (``longer_run_differences``): its state (parameters, optimiser
     state, step) is saved as ``run_dir``'s first checkpoint with ``meta`` (+ step, loss, started_from), and its
-    metric lines up to that step are copied (``write``: this process writes files).  Training ``run_dir`` then
-    resumes there: the same run as training ``spec`` from scratch.  Returns the step."""
+    metric and session lines up to that step are copied (``write``: this process writes files).  Training
+    ``run_dir`` then resumes there: the same run as training ``spec`` from scratch.  Returns the step."""
     source_dir, run_dir = Path(source_dir), Path(run_dir)
     source = read_spec(source_dir, load)
     if differs := longer_run_differences(source, spec):
@@ -275,7 +278,36 @@ def start_from_run(source_dir: str | Path, run_dir: str | Path, spec: Any, load:
                 if line.strip() and json.loads(line).get("step", 0) <= step:
                     lines.append(line)
         (run_dir / METRICS_FILE).write_text("".join(f"{line}\n" for line in lines))
+        for session in read_sessions(source_dir):  # the steps it starts from were trained there: say where
+            if session.get("from_step", 0) < step:
+                append_session(run_dir, dict(session, run=source_dir.name))
     return step
+
+
+# ----------------------------------------------------------------------------- provenance of the steps
+
+
+def append_session(run_dir: str | Path, record: dict) -> None:
+    """Add one training session's line to ``sessions.jsonl`` (``from_step``, ``to_step``, ``seconds``, the machine:
+    ``mesacli.loop.session_record``)."""
+    with (Path(run_dir) / SESSIONS_FILE).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_sessions(run_dir: str | Path) -> list[dict]:
+    """The training sessions recorded in a run directory, oldest first ([] before any, or in older runs)."""
+    path = Path(run_dir) / SESSIONS_FILE
+    if not path.is_file():
+        return []
+    sessions = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            sessions.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise MesaError(f"{path}: line {n} is not JSON") from None
+    return sessions
 
 
 # ----------------------------------------------------------------------------- replicas (train.seeds > 1)

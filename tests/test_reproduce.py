@@ -18,7 +18,8 @@ from mesacli.reproduce import metrics
 from mesacli.reproduce.ledger import load_ledger
 from mesacli.reproduce.report import write_report
 from mesacli.reproduce.run import parse_budget, reproduce_run, run_jobs, specs_with_work
-from mesacli.reproduce.status import ledger_status
+from mesacli.reproduce.status import ledger_status, run_provenance
+from mesacli.rundir import read_sessions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -252,6 +253,11 @@ def test_budget_stops_like_sigterm_and_the_next_call_resumes_to_the_uninterrupte
                            say=said.append)
     assert second.stopped is None and [s.what for s in second.stages] == ["train", "eval"]
     assert [p.name for p in (results / "tiny" / "checkpoints").iterdir()] == [str(steps)]  # one checkpoint kept
+    sessions = read_sessions(results / "tiny")  # the budget's stop, then the rest
+    assert [(s["from_step"], s["to_step"], s["interrupted"]) for s in sessions] == \
+        [(0, stopped_at, True), (stopped_at, steps, False)]
+    provenance = run_provenance(results / "tiny")
+    assert (provenance.sessions, provenance.recorded_steps, provenance.trained_steps) == (2, steps, steps)
     resumed = json.loads((results / "tiny" / f"eval_step{steps}.json").read_text())
 
     straight = tmp_path / "straight"
@@ -290,6 +296,10 @@ def test_status_and_report_show_a_miss_as_a_miss(tmp_path):
     assert "**FAILS**" in report and "| within |" in report
     figure = results / "figures" / "fig-t-position.png"
     assert figure.is_file() and f"figures/{figure.name}" in report
+    # how the record was made: the one session that trained the 6 steps, on this machine
+    row = next(line for line in report.split("## How the record was made")[1].splitlines()
+               if line.startswith("| tiny |"))
+    assert row.startswith("| tiny | 6 | 1 (6 steps) | cpu (") and "CPUs)" in row
 
 
 def test_status_marks_a_run_of_another_spec_as_outdated(tmp_path):

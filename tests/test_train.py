@@ -12,6 +12,7 @@ from mesacli import tasks
 from mesacli.checkpoint import Checkpoints
 from mesacli.errors import MesaError
 from mesacli.loop import TrainingDiverged, accumulated_value_and_grad
+from mesacli.rundir import read_sessions
 from mesacli.sharding import make_mesh
 from mesacli.state import init_state, load_params, make_optimizer, make_schedule
 from mesacli.train import loss_fn, make_train_step, train
@@ -113,7 +114,7 @@ def test_save_restore_equality(tmp_path):
 
 
 def test_compact_checkpoint_keeps_the_parameters_and_rounds_the_moments_to_bfloat16(tmp_path):
-    spec = tiny_spec(model={"embed_dim": 24})
+    spec = tiny_spec(model={"embed_dim": 64, "num_heads": 4, "key_size": 32})  # 66k parameters: arrays dominate
     mesh = make_mesh()
     state = init_state(spec, mesh)
     step = make_train_step(spec, mesh)
@@ -149,6 +150,14 @@ def test_training_resumes_from_a_compact_checkpoint_with_a_note(tmp_path):
     resumed = train(spec, tmp_path / "resumed", progress=False, moments_dtype="bfloat16", warn=notes.append)
     assert resumed.resumed_from == 3 and resumed.step == spec.train.steps
     assert len(notes) == 1 and "bfloat16" in notes[0] and "not bit-identical" in notes[0]
+    # sessions.jsonl: one line per session that trained, with the steps and the machine that ran them
+    sessions = read_sessions(tmp_path / "resumed")
+    assert [(s["from_step"], s["to_step"], s["moments_dtype"]) for s in sessions] == \
+        [(0, 3, "bfloat16"), (3, spec.train.steps, "bfloat16")]
+    assert all(s["platform"] == jax.devices()[0].platform and s["devices"] == len(jax.devices())
+               and s["seconds"] > 0 and not s["interrupted"] and s["date"].endswith("Z") for s in sessions)
+    again = train(spec, tmp_path / "resumed", progress=False)  # nothing left to train: no session line
+    assert again.step == spec.train.steps and len(read_sessions(tmp_path / "resumed")) == 2
     # the rounded moments change the steps after the resume only a little
     for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(resumed.params), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-3 * float(np.abs(a).max()) + 1e-6)
@@ -190,6 +199,9 @@ def test_a_longer_run_started_from_a_shorter_one_is_the_same_run(tmp_path):
     ckpts = Checkpoints(tmp_path / "long" / "checkpoints", read_only=True)
     assert ckpts.restore_meta(3)["started_from"].endswith("short")
     ckpts.close()
+    # provenance: the short run's session (steps 0-3, marked with its run), then the long run's own (3-6)
+    sessions = read_sessions(tmp_path / "long")
+    assert [(s["from_step"], s["to_step"], s.get("run")) for s in sessions] == [(0, 3, "short"), (3, 6, None)]
     # only a run of the same recipe with fewer steps may be the start
     with pytest.raises(MesaError, match=r"not a shorter run of this spec \(train.lr: 0.001 -> 0.002\)"):
         train(tiny_spec(train=dict(recipe, steps=6, lr=2e-3)), tmp_path / "other", progress=False,

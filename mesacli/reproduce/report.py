@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mesacli.reproduce import metrics
 from mesacli.reproduce.metrics import fmt_value
-from mesacli.reproduce.status import RESULTS_DIR, EntryStatus
+from mesacli.reproduce.status import RESULTS_DIR, EntryStatus, run_provenance
 from mesacli.rundir import SOLVER_DIR
 
 REPORT_FILE = "REPORT.md"
@@ -146,6 +146,34 @@ def note_lines(rows) -> list[str]:
     return [f"- {', '.join(ids)}: {note}" for note, ids in holders.items()]
 
 
+def provenance_lines(statuses: list[EntryStatus], results_dir: Path) -> list[str]:
+    """The "how the record was made" table: per trained run the entries read, its steps, the recorded training
+    sessions, their machines and time."""
+    names = list(dict.fromkeys(n for s in statuses for n in s.entry.trained_specs()))
+    rows = []
+    for name in names:
+        run_dir = Path(results_dir) / name
+        if not run_dir.is_dir():
+            continue
+        p = run_provenance(run_dir)
+        if p.trained_steps == 0:  # not trained yet (its model-free records only)
+            continue
+        if p.sessions == 0:
+            rows.append(f"| {name} | {p.trained_steps} | – | not recorded | – |")
+            continue
+        hours = f"{p.seconds / 3600:.2f}"
+        recorded = f"{p.sessions} ({p.recorded_steps} steps" + \
+            (f"; {p.compact_resumes} resumed from bfloat16 moments" if p.compact_resumes else "") + ")"
+        rows.append(f"| {name} | {p.trained_steps} | {recorded} | {', '.join(p.machines)} | {hours} |")
+    if not rows:
+        return []
+    return ["## How the record was made", "",
+            "Per trained run: its steps, and the training sessions its `sessions.jsonl` records (steps, machine, "
+            "wall time with compilation). Runs trained before sessions were recorded (2026-12-06) say "
+            "\"not recorded\"; the README says how the ledger was made.", "",
+            "| run | steps | recorded sessions | machines | recorded hours |", "|---|---|---|---|---|", *rows, ""]
+
+
 def write_report(statuses: list[EntryStatus], results_dir: Path = RESULTS_DIR, *, about: str = "") -> Path:
     """Write results_dir/REPORT.md and results_dir/figures/*.png; returns the report's path."""
     results_dir = Path(results_dir)
@@ -189,6 +217,7 @@ def write_report(statuses: list[EntryStatus], results_dir: Path = RESULTS_DIR, *
             if path is not None:
                 lines += ["", f"![{figure} ({kind})]({FIGURES_DIR}/{path.name})"]
         lines.append("")
+    lines += provenance_lines(statuses, results_dir)
     report = results_dir / REPORT_FILE
     results_dir.mkdir(parents=True, exist_ok=True)
     tmp = report.with_suffix(".tmp")

@@ -129,6 +129,37 @@ def run_state(name: str, plan, results_dir: Path = RESULTS_DIR, experiments_dir:
     return RunState(name, run_dir, spec.train.steps, max(steps, default=0), outdated, tune_total, tune_done, start)
 
 
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """Where a run's steps were trained, from its ``sessions.jsonl`` (``mesacli.loop.session_record``)."""
+
+    name: str
+    trained_steps: int  # the run's latest checkpoint
+    sessions: int  # recorded training sessions (0: trained before sessions were recorded)
+    recorded_steps: int  # steps trained in those sessions
+    seconds: float  # their wall time, compilation included
+    machines: tuple[str, ...]  # e.g. "cpu (x86_64, 2 CPUs)", "gpu: NVIDIA H100 80GB HBM3 x1"
+    compact_resumes: int = 0  # sessions that went on from a checkpoint with bfloat16 moments
+
+
+def machine_label(session: dict) -> str:
+    if session.get("platform") == "cpu":
+        return f"cpu ({session.get('host', '?')})"
+    return f"{session.get('platform', '?')}: {session.get('device', '?')} x{session.get('devices', '?')}"
+
+
+def run_provenance(run_dir: Path) -> Provenance:
+    """The sessions that trained ``run_dir``: how many, how many steps, their time, the machines."""
+    from mesacli import rundir
+
+    sessions = rundir.read_sessions(run_dir)
+    machines = tuple(dict.fromkeys(machine_label(s) for s in sessions))
+    resumed = [s for prev, s in zip(sessions, sessions[1:], strict=False) if prev.get("moments_dtype")]
+    return Provenance(Path(run_dir).name, max(rundir.saved_steps(run_dir), default=0), len(sessions),
+                      sum(s["to_step"] - s["from_step"] for s in sessions), sum(s["seconds"] for s in sessions),
+                      machines, len(resumed))
+
+
 PROBE_SETTINGS = {"linearize": ("distil_steps", "distil_steps"), "prop2": ("train_steps", "prop2_train_steps")}
 
 
