@@ -287,6 +287,8 @@ def test_status_and_report_show_a_miss_as_a_miss(tmp_path):
     assert ok.ours == pytest.approx(ours_seq) and ok.ratio == pytest.approx(1 / 1.05, rel=1e-4) and ok.within
     assert miss.ratio == pytest.approx(1 / 3, rel=1e-4) and miss.within is False
     assert claim.within is False  # a tiny model does not beat GD-1 by a factor 100
+    machine = ok.trained_on["tiny"]  # the one recorded session's machine: this one
+    assert len(machine) == 1 and machine[0].startswith("cpu (") and ok.to_json()["trained_on"] == {"tiny": [machine[0]]}
     assert ledger_status(ledger, ["tiny-claim"], results, experiments)[0].entry.id == "tiny-claim"
     with pytest.raises(MesaError, match="did you mean 'tiny-claim'"):
         ledger_status(ledger, ["tiny-clam"], results, experiments)
@@ -493,6 +495,7 @@ def test_cli_status_json_and_a_bad_budget(tmp_path):
     assert model_free and all(r["state"] == "analysis pending" for r in model_free)
     assert all(("missing" in r["state"] or r["state"].startswith("blocked:")) and r["within"] is None
                for r in rows if r not in model_free)
+    assert all(machines == [] for r in rows for machines in r["trained_on"].values())  # nothing trained yet
     bad = subprocess.run([sys.executable, "-m", "mesacli.cli", "reproduce", "run", "--budget", "soon",
                           "--results", str(tmp_path / "empty")], capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr

@@ -70,6 +70,8 @@ class EntryStatus:
     values: dict[str, float | bool | None]  # every metric the entry reads ("spec:metric" -> value)
     cpu_by_spec: dict[str, float] = dataclasses.field(default_factory=dict)  # cpu_left_s, per spec it reads
     ours_per_seed: tuple[float | None, ...] | None = None  # a run of several seeds: ``ours`` of each (its mean)
+    # the machines that trained each run the entry reads the model of (its recorded sessions; () before them)
+    trained_on: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def ours_text(self, at: str = " @ ") -> str:
         """``ours`` for a table: the value, each seed's after it ("0.030 (seeds 0.028 / 0.032)"), and the
@@ -91,7 +93,8 @@ class EntryStatus:
                 "claim": e.claim, "checks": list(e.checks), "paper": self.paper, "ours": self.ours,
                 "ours_step": self.ours_step, "ours_per_seed": self.ours_per_seed, "ratio": self.ratio,
                 "tolerance": e.tolerance, "within": self.within, "state": self.state,
-                "cpu_left_s": round(self.cpu_left_s, 1), "source": e.source, "note": e.note, "values": self.values}
+                "cpu_left_s": round(self.cpu_left_s, 1), "source": e.source, "note": e.note, "values": self.values,
+                "trained_on": {name: list(machines) for name, machines in self.trained_on.items()}}
 
 
 def shipped_spec(name: str, experiments_dir: Path = EXPERIMENTS_DIR):
@@ -241,8 +244,9 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> 
         within = None if any(r is None for r in results) else all(results)
     else:
         within = None if ratio is None else bool(abs(ratio - 1.0) <= entry.tolerance)
+    trained_on = {name: run_provenance(states[name].run_dir).machines for name in trained}
     return EntryStatus(entry, entry.paper, main.value, main.step, ratio, within, state, sum(cpu_by_spec.values()),
-                       values, cpu_by_spec, main.per_seed)
+                       values, cpu_by_spec, main.per_seed, trained_on)
 
 
 def ledger_status(ledger: Ledger, ids: list[str] | None = None, results_dir: Path = RESULTS_DIR,
