@@ -147,8 +147,8 @@ def note_lines(rows) -> list[str]:
 
 
 def provenance_lines(statuses: list[EntryStatus], results_dir: Path) -> list[str]:
-    """The "how the record was made" table: per trained run the entries read, its steps, the recorded training
-    sessions, their machines and time."""
+    """The "how the record was made" table: for every run whose trained model an entry reads, its steps and the
+    training sessions its ``sessions.jsonl`` records (how many, their steps, machines and hours)."""
     names = list(dict.fromkeys(n for s in statuses for n in s.entry.trained_specs()))
     rows = []
     for name in names:

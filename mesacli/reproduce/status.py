@@ -159,7 +159,8 @@ def run_provenance(run_dir: Path) -> Provenance:
     machines = tuple(dict.fromkeys(machine_label(s) for s in sessions))
     resumed = [s for prev, s in zip(sessions, sessions[1:], strict=False) if prev.get("moments_dtype")]
     return Provenance(Path(run_dir).name, max(rundir.saved_steps(run_dir), default=0), len(sessions),
-                      sum(s["to_step"] - s["from_step"] for s in sessions), sum(s["seconds"] for s in sessions),
+                      sum(s.get("to_step", 0) - s.get("from_step", 0) for s in sessions),
+                      sum(s.get("seconds", 0.0) for s in sessions),
                       machines, len(resumed))
 
 
