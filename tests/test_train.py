@@ -142,7 +142,7 @@ def test_compact_checkpoint_keeps_the_parameters_and_rounds_the_moments_to_bfloa
 
 
 def test_training_resumes_from_a_compact_checkpoint_with_a_note(tmp_path):
-    spec = tiny_spec(model={"attention": "mesa"})
+    spec = tiny_spec()
     full = train(spec, tmp_path / "full", progress=False)
     part = train(spec, tmp_path / "resumed", progress=False, stop_at_step=3, moments_dtype="bfloat16")
     assert part.step == 3
