@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mesacli.reproduce import metrics
 from mesacli.reproduce.metrics import fmt_value
-from mesacli.reproduce.status import RESULTS_DIR, EntryStatus, run_provenance
+from mesacli.reproduce.status import RESULTS_DIR, EntryStatus
 from mesacli.rundir import SOLVER_DIR
 
 REPORT_FILE = "REPORT.md"
@@ -146,16 +146,12 @@ def note_lines(rows) -> list[str]:
     return [f"- {', '.join(ids)}: {note}" for note, ids in holders.items()]
 
 
-def provenance_lines(statuses: list[EntryStatus], results_dir: Path) -> list[str]:
+def provenance_lines(statuses: list[EntryStatus]) -> list[str]:
     """The "how the record was made" table: for every run whose trained model an entry reads, its steps and the
     training sessions its ``sessions.jsonl`` records (how many, their steps, machines and hours)."""
-    names = list(dict.fromkeys(n for s in statuses for n in s.entry.trained_specs()))
+    runs = {name: p for s in statuses for name, p in s.provenance.items()}
     rows = []
-    for name in names:
-        run_dir = Path(results_dir) / name
-        if not run_dir.is_dir():
-            continue
-        p = run_provenance(run_dir)
+    for name, p in runs.items():
         if p.trained_steps == 0:  # not trained yet (its model-free records only)
             continue
         if p.sessions == 0:
@@ -217,7 +213,7 @@ def write_report(statuses: list[EntryStatus], results_dir: Path = RESULTS_DIR, *
             if path is not None:
                 lines += ["", f"![{figure} ({kind})]({FIGURES_DIR}/{path.name})"]
         lines.append("")
-    lines += provenance_lines(statuses, results_dir)
+    lines += provenance_lines(statuses)
     report = results_dir / REPORT_FILE
     results_dir.mkdir(parents=True, exist_ok=True)
     tmp = report.with_suffix(".tmp")

@@ -70,8 +70,13 @@ class EntryStatus:
     values: dict[str, float | bool | None]  # every metric the entry reads ("spec:metric" -> value)
     cpu_by_spec: dict[str, float] = dataclasses.field(default_factory=dict)  # cpu_left_s, per spec it reads
     ours_per_seed: tuple[float | None, ...] | None = None  # a run of several seeds: ``ours`` of each (its mean)
-    # the machines that trained each run the entry reads the model of (its recorded sessions; () before them)
-    trained_on: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # the recorded training sessions of each run the entry reads the model of (``run_provenance``)
+    provenance: dict[str, Provenance] = dataclasses.field(default_factory=dict)
+
+    @property
+    def trained_on(self) -> dict[str, tuple[str, ...]]:
+        """The machines that trained each run the entry reads the model of (() before sessions were recorded)."""
+        return {name: p.machines for name, p in self.provenance.items()}
 
     def ours_text(self, at: str = " @ ") -> str:
         """``ours`` for a table: the value, each seed's after it ("0.030 (seeds 0.028 / 0.032)"), and the
@@ -194,7 +199,8 @@ def analysis_current(analysis: str, plan, state: RunState) -> bool:
     return record is not None and record.get("meta", {}).get("step") == total
 
 
-def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> EntryStatus:
+def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState],
+                  provenance: dict[str, Provenance]) -> EntryStatus:
     readings, pending = {}, []
     for ref in entry.metric_refs():
         state = states[ref.spec]
@@ -245,9 +251,8 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState]) -> 
         within = None if any(r is None for r in results) else all(results)
     else:
         within = None if ratio is None else bool(abs(ratio - 1.0) <= entry.tolerance)
-    trained_on = {name: run_provenance(states[name].run_dir).machines for name in trained}
     return EntryStatus(entry, entry.paper, main.value, main.step, ratio, within, state, sum(cpu_by_spec.values()),
-                       values, cpu_by_spec, main.per_seed, trained_on)
+                       values, cpu_by_spec, main.per_seed, {name: provenance[name] for name in trained})
 
 
 def ledger_status(ledger: Ledger, ids: list[str] | None = None, results_dir: Path = RESULTS_DIR,
@@ -256,7 +261,8 @@ def ledger_status(ledger: Ledger, ids: list[str] | None = None, results_dir: Pat
     entries = ledger.select(ids)
     states = {name: run_state(name, ledger.specs[name], results_dir, experiments_dir)
               for name in ledger.spec_order(entries)}
-    return [_entry_status(entry, ledger, states) for entry in entries]
+    provenance = {name: run_provenance(state.run_dir) for name, state in states.items()}  # read once per run
+    return [_entry_status(entry, ledger, states, provenance) for entry in entries]
 
 
 def total_cpu_left(statuses: list[EntryStatus]) -> float:
