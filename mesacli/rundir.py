@@ -289,24 +289,29 @@ def start_from_run(source_dir: str | Path, run_dir: str | Path, spec: Any, load:
 
 def append_session(run_dir: str | Path, record: dict) -> None:
     """Add one training session's line to ``sessions.jsonl`` (``from_step``, ``to_step``, ``seconds``, the machine:
-    ``mesacli.loop.session_record``)."""
-    with (Path(run_dir) / SESSIONS_FILE).open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    ``mesacli.loop.session_record``).  A torn last line (a crash mid-append) is ended first, so that the new line
+    stays readable."""
+    path = Path(run_dir) / SESSIONS_FILE
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with path.open("a") as f:
+        f.write(("\n" if torn else "") + json.dumps(record) + "\n")
 
 
 def read_sessions(run_dir: str | Path) -> list[dict]:
-    """The training sessions recorded in a run directory, oldest first ([] before any, or in older runs)."""
+    """The training sessions recorded in a run directory, oldest first ([] before any, or in older runs).  An
+    unreadable line (torn by a crash mid-append, not UTF-8, not a JSON object) is skipped: provenance is a record,
+    and one damaged line must not stop ``reproduce status``, the report or ``--start-from``."""
     path = Path(run_dir) / SESSIONS_FILE
     if not path.is_file():
         return []
     sessions = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for raw in path.read_bytes().splitlines():
         try:
-            sessions.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise MesaError(f"{path}: line {n} is not JSON") from None
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict):
+            sessions.append(record)
     return sessions
 
 

@@ -518,3 +518,14 @@ def test_a_checkpoint_written_before_a_spec_key_existed_still_resumes(tmp_path):
     assert not rundir.same_spec(tiny_spec(train={"micro_batch": 4}), older)  # not the default: it matters
     assert not rundir.same_spec(spec, {**stored, "train": {**stored["train"], "lr": 0.5}})
     assert not rundir.same_spec(spec, {**stored, "extra": {}}) and not rundir.same_spec(spec, None)
+
+
+def test_a_torn_sessions_line_is_skipped_and_the_next_session_still_reads(tmp_path):
+    """A crash mid-append leaves half a provenance line: reading skips it (status, report and --start-from go on)
+    and the next session's line is written on a line of its own."""
+    rundir.append_session(tmp_path, {"from_step": 0, "to_step": 10})
+    with (tmp_path / rundir.SESSIONS_FILE).open("ab") as f:
+        f.write(b'{"from_step": 10, "to_st\xff')  # torn, with a stray non-UTF-8 byte
+    assert rundir.read_sessions(tmp_path) == [{"from_step": 0, "to_step": 10}]
+    rundir.append_session(tmp_path, {"from_step": 10, "to_step": 20})
+    assert [s["to_step"] for s in rundir.read_sessions(tmp_path)] == [10, 20]
