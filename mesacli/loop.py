@@ -11,16 +11,20 @@
 - a stalled step (no progress for far longer than the slowest step) ends the process with exit code 75
   (``runtime.StallWatchdog``), the last checkpoint kept;
 - one progress bar (``progress_bar``) shows the step, the loss and the time left;
-- a session that trained steps adds its line to the run directory's ``sessions.jsonl`` (``session_record``: the
-  steps, the wall time, the devices and host), so a run trained over several sessions or machines says where.
+- a session that trained steps has its line in the run directory's ``sessions.jsonl`` (``session_record``: the
+  steps, the wall time, how it ended, the devices and host), written at every checkpoint and at its end, so a run
+  trained over several sessions or machines says where, even when a session was killed outright.
 
 ``accumulated_value_and_grad`` is the gradient accumulation over micro-batches used by the train and tune steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +37,7 @@ from jax.sharding import NamedSharding
 from mesacli import runtime
 from mesacli.checkpoint import Checkpoints, finite_or_none
 from mesacli.errors import MesaError
-from mesacli.rundir import CHECKPOINT_DIR, append_session
+from mesacli.rundir import CHECKPOINT_DIR, forget_session, record_session
 
 
 class TrainingDiverged(MesaError):
@@ -254,19 +258,29 @@ def _good(ckpts: Checkpoints, step: int, template, usable: Callable[[Any], bool]
         return False
 
 
-def session_record(start: int, end: int, seconds: float, started: float, interrupted: bool,
-                   moments_dtype: str | None = None) -> dict:
-    """One training session's provenance: the steps ``start`` -> ``end``, its wall ``seconds`` (compilation
-    included) from ``started`` (UNIX time), whether it was interrupted, and the machine that ran it."""
-    import os
-    import platform
+SESSION_ENDS = {
+    "end": "reached the step it was asked for",
+    "stop": "stopped by SIGTERM, Ctrl-C or a budget; the step under way was saved",
+    "error": "stopped by an error (e.g. a divergence); to_step is the checkpoint it kept",
+    "checkpoint": "written at a checkpoint; the process never wrote its end (killed outright, or still running)",
+}
 
+
+def session_record(start: int, end: int, seconds: float, started: float, ended: str,
+                   moments_dtype: str | None = None, session: str | None = None) -> dict:
+    """One training session's provenance: the steps ``start`` -> ``end`` (the checkpoint a later session resumes
+    from), its wall ``seconds`` (compilation included) from ``started`` (UNIX time), how it ``ended``
+    (``SESSION_ENDS``; ``interrupted`` = it did not reach its end), the machine that ran it, and its ``session``
+    id (the line is rewritten under that id)."""
+    if ended not in SESSION_ENDS:
+        raise ValueError(f"ended must be one of {sorted(SESSION_ENDS)}, got {ended!r}")
     devices = jax.devices()
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "from_step": start, "to_step": end,
-            "seconds": round(seconds, 1), "interrupted": interrupted, "platform": devices[0].platform,
-            "device": devices[0].device_kind, "devices": len(devices), "processes": jax.process_count(),
-            "host": f"{platform.machine()}, {os.cpu_count()} CPUs", "jax": jax.__version__,
-            "moments_dtype": moments_dtype}
+    record = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "from_step": start, "to_step": end,
+              "seconds": round(seconds, 1), "interrupted": ended != "end", "ended": ended,
+              "platform": devices[0].platform, "device": devices[0].device_kind, "devices": len(devices),
+              "processes": jax.process_count(), "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "jax": jax.__version__, "moments_dtype": moments_dtype}
+    return record if session is None else {"session": session, **record}
 
 
 @dataclasses.dataclass
@@ -292,13 +306,24 @@ def run(state, *, ckpts: Checkpoints, run_dir: Path, log_path: Path, end: int, t
     if write:
         truncate_jsonl(log_path, start)
     log = MetricLog(log_path, every.log, seeds, write=write, hint=hint)
+    t0 = time.time()
+    session = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(t0))}-{os.getpid()}"
+
+    def record(to_step: int, ended: str) -> None:
+        """This session's line of sessions.jsonl (rewritten at every checkpoint and at the end)."""
+        if write and to_step > start:
+            record_session(run_dir, session_record(start, to_step, time.time() - t0, t0, ended,
+                                                   ckpts.moments_dtype, session))
+        elif write:  # a divergence deleted every checkpoint this session wrote
+            forget_session(run_dir, session)
 
     def save(state, step: int) -> None:
         if ckpts.latest_step() != step:
             with runtime.uninterruptible():
                 ckpts.save(step, state, dict(meta, step=step, loss=finite_or_none(log.last_loss)))
+            record(step, "checkpoint")
 
-    t0 = time.time()
+    step, interrupted, ended = start, True, "error"
     try:
         with progress_bar(progress, loss_label) as bar:
             task_id = bar.add_task(description, total=total, completed=start, loss="-")
@@ -311,9 +336,13 @@ def run(state, *, ckpts: Checkpoints, run_dir: Path, log_path: Path, end: int, t
             state, step, interrupted = run_steps(state, start, end, total, step_fn=step_fn, log=log, save=save,
                                                  ckpts=ckpts, run_dir=run_dir, every=every, eval_record=eval_record,
                                                  on_flush=on_flush, usable=usable)
+        ended = "stop" if interrupted else "end"
     finally:
+        if ended == "error":  # the steps that count are those of the checkpoint a rerun resumes from
+            with contextlib.suppress(Exception):
+                step = ckpts.latest_step() or start
         ckpts.close()
+        with contextlib.suppress(Exception) if ended == "error" else contextlib.nullcontext():
+            record(step, ended)  # on an error, never hide the error itself
     seconds = time.time() - t0
-    if write and step > start:
-        append_session(run_dir, session_record(start, step, seconds, t0, interrupted, ckpts.moments_dtype))
     return LoopResult(state, step, interrupted, log.last_loss, seconds)

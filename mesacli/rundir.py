@@ -37,7 +37,7 @@ LM_EVAL_FILE = "eval.json"  # language-model runs
 PROBE_DIR = "probe"
 SOLVER_DIR = "solver"  # records of the analyses that need no trained model (probe.run_model_free)
 TUNE_DIR = "prompt_tune"
-SESSIONS_FILE = "sessions.jsonl"  # provenance: where and how long each training session ran (``append_session``)
+SESSIONS_FILE = "sessions.jsonl"  # provenance: where and how long each training session ran (``record_session``)
 
 SpecLoader = Callable[[Path], Any]
 
@@ -280,27 +280,46 @@ def start_from_run(source_dir: str | Path, run_dir: str | Path, spec: Any, load:
         (run_dir / METRICS_FILE).write_text("".join(f"{line}\n" for line in lines))
         for session in read_sessions(source_dir):  # the steps it starts from were trained there: say where
             if session.get("from_step", 0) < step:
-                append_session(run_dir, dict(session, run=source_dir.name))
+                record_session(run_dir, dict(session, run=source_dir.name))
     return step
 
 
 # ----------------------------------------------------------------------------- provenance of the steps
 
 
-def append_session(run_dir: str | Path, record: dict) -> None:
-    """Add one training session's line to ``sessions.jsonl`` (``from_step``, ``to_step``, ``seconds``, the machine:
-    ``mesacli.loop.session_record``).  A torn last line (a crash mid-append) is ended first, so that the new line
-    stays readable."""
+def record_session(run_dir: str | Path, record: dict) -> None:
+    """Write one training session's line of ``sessions.jsonl`` (``from_step``, ``to_step``, ``seconds``, how it
+    ``ended``, the machine: ``mesacli.loop.session_record``): a record whose ``session`` id is already there
+    replaces that line (the loop rewrites its line at every checkpoint), any other is added.  The file is
+    replaced atomically, so a crash never leaves half a line."""
+    sessions = read_sessions(run_dir)
+    same = [i for i, s in enumerate(sessions) if "session" in record and s.get("session") == record["session"]]
+    if same:
+        sessions[same[0]] = record
+    else:
+        sessions.append(record)
+    _write_sessions(run_dir, sessions)
+
+
+def forget_session(run_dir: str | Path, session: str) -> None:
+    """Remove the line of ``session`` (a session whose checkpoints were all deleted after a divergence)."""
+    sessions = read_sessions(run_dir)
+    kept = [s for s in sessions if s.get("session") != session]
+    if len(kept) != len(sessions):
+        _write_sessions(run_dir, kept)
+
+
+def _write_sessions(run_dir: str | Path, sessions: list[dict]) -> None:
     path = Path(run_dir) / SESSIONS_FILE
-    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    with path.open("a") as f:
-        f.write(("\n" if torn else "") + json.dumps(record) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(s) + "\n" for s in sessions))
+    os.replace(tmp, path)
 
 
 def read_sessions(run_dir: str | Path) -> list[dict]:
     """The training sessions recorded in a run directory, oldest first ([] before any, or in older runs).  An
     unreadable line (torn by a crash mid-append, not UTF-8, not a JSON object) is skipped: provenance is a record,
-    and one damaged line must not stop ``reproduce status``, the report or ``--start-from``."""
+    and one damaged line (from a crash before lines were written atomically) must not stop ``reproduce status``, the report or ``--start-from``."""
     path = Path(run_dir) / SESSIONS_FILE
     if not path.is_file():
         return []

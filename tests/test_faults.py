@@ -293,6 +293,9 @@ def test_divergence_keeps_a_checkpoint_that_evaluates_finite(name, tmp_path, tra
     assert kept, result.output  # the rate is chosen so that a few steps are good
     assert f"last good checkpoint: step {kept[-1]}" in result.output
     assert all(np.isfinite(v).all() for v in job.values())
+    # the session's line counts the steps of the checkpoint kept, not those deleted
+    sessions = rundir.read_sessions(job.checkpoint_parent)
+    assert [(s["from_step"], s["to_step"], s["ended"]) for s in sessions] == [(0, kept[-1], "error")]
     if name == "train":
         evaluated = runner.invoke(app, ["eval", str(job.run), "--no-baselines"])
         assert evaluated.exit_code == 0, evaluated.output
@@ -331,6 +334,9 @@ def test_a_stalled_step_ends_the_process_with_every_stack_and_exit_75(tmp_path):
     assert proc.returncode == 75, proc.stderr
     assert "no step finished in" in proc.stderr and "at step 4 of 10" in proc.stderr
     assert "the last checkpoint is step 2" in proc.stderr
+    # killed outright, the session still says which steps it trained: up to its last checkpoint
+    assert [(s["from_step"], s["to_step"], s["ended"], s["interrupted"]) for s in rundir.read_sessions(tmp_path)] \
+        == [(0, 2, "checkpoint", True)]
     assert "in step_fn" in proc.stderr and "most recent call first" in proc.stderr  # every thread's stack
     assert time.time() - t0 < 120
 
@@ -521,11 +527,13 @@ def test_a_checkpoint_written_before_a_spec_key_existed_still_resumes(tmp_path):
 
 
 def test_a_torn_sessions_line_is_skipped_and_the_next_session_still_reads(tmp_path):
-    """A crash mid-append leaves half a provenance line: reading skips it (status, report and --start-from go on)
-    and the next session's line is written on a line of its own."""
-    rundir.append_session(tmp_path, {"from_step": 0, "to_step": 10})
+    """A crash mid-append (before lines were written atomically) left half a provenance line: reading skips it
+    (status, report and --start-from go on) and the next session's line replaces the file whole."""
+    rundir.record_session(tmp_path, {"from_step": 0, "to_step": 10})
     with (tmp_path / rundir.SESSIONS_FILE).open("ab") as f:
         f.write(b'{"from_step": 10, "to_st\xff')  # torn, with a stray non-UTF-8 byte
     assert rundir.read_sessions(tmp_path) == [{"from_step": 0, "to_step": 10}]
-    rundir.append_session(tmp_path, {"from_step": 10, "to_step": 20})
+    rundir.record_session(tmp_path, {"session": "b", "from_step": 10, "to_step": 15})
+    rundir.record_session(tmp_path, {"session": "b", "from_step": 10, "to_step": 20})  # the same session, later
     assert [s["to_step"] for s in rundir.read_sessions(tmp_path)] == [10, 20]
+    assert b"to_st\xff" not in (tmp_path / rundir.SESSIONS_FILE).read_bytes()

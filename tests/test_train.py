@@ -155,7 +155,9 @@ def test_training_resumes_from_a_compact_checkpoint_with_a_note(tmp_path):
     assert [(s["from_step"], s["to_step"], s["moments_dtype"]) for s in sessions] == \
         [(0, 3, "bfloat16"), (3, spec.train.steps, "bfloat16")]
     assert all(s["platform"] == jax.devices()[0].platform and s["devices"] == len(jax.devices())
-               and s["seconds"] > 0 and not s["interrupted"] and s["date"].endswith("Z") for s in sessions)
+               and s["seconds"] > 0 and not s["interrupted"] and s["ended"] == "end" and s["date"].endswith("Z")
+               for s in sessions)
+    assert len({s["session"] for s in sessions}) == 2  # each session rewrote its own line at every checkpoint
     again = train(spec, tmp_path / "resumed", progress=False)  # nothing left to train: no session line
     assert again.step == spec.train.steps and len(read_sessions(tmp_path / "resumed")) == 2
     # the rounded moments change the steps after the resume only a little
@@ -220,6 +222,7 @@ def test_non_finite_loss_removes_the_checkpoint_whose_loss_was_not_finite(tmp_pa
     ckpts = Checkpoints(tmp_path / "run" / "checkpoints", read_only=True)
     assert ckpts.latest_step() is None
     ckpts.close()
+    assert read_sessions(tmp_path / "run") == []  # the line written at step 1's checkpoint went with it
 
 
 def test_run_dir_with_another_spec_is_refused(tmp_path):
