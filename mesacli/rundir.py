@@ -318,8 +318,9 @@ def _write_sessions(run_dir: str | Path, sessions: list[dict]) -> None:
 
 def read_sessions(run_dir: str | Path) -> list[dict]:
     """The training sessions recorded in a run directory, oldest first ([] before any, or in older runs).  An
-    unreadable line (torn by a crash mid-append, not UTF-8, not a JSON object) is skipped: provenance is a record,
-    and one damaged line (from a crash before lines were written atomically) must not stop ``reproduce status``, the report or ``--start-from``."""
+    unreadable line (torn by a crash mid-append before lines were written atomically, not UTF-8, not a JSON
+    object) is skipped: provenance is a record, and one damaged line must not stop ``reproduce status``, the
+    report or ``--start-from``."""
     path = Path(run_dir) / SESSIONS_FILE
     if not path.is_file():
         return []
