@@ -73,14 +73,15 @@ def gd1_search_eta(spec: Spec) -> float:
                            np.concatenate([np.asarray(b.targets_BTS) for b in search]))
 
 
-def baseline_curves(spec: Spec, lam: float = 1e-3) -> tuple[dict[str, np.ndarray], float]:
-    """Per-position test loss of GD-1 and ridge LSQ on the spec's fixed test batches.
+def baseline_curves(spec: Spec, lam: float = 1e-3, test_batches: list | None = None
+                    ) -> tuple[dict[str, np.ndarray], float]:
+    """Per-position test loss of GD-1 and ridge LSQ on the spec's fixed test batches (or ``test_batches``).
 
     eta is line-searched on separate batches (keys from eval_seed + 1), not on the test batches.
     Returns ({name: curve [T]}, eta).
     """
     eta = gd1_search_eta(spec)
-    test = tasks.eval_batches(spec)
+    test = tasks.eval_batches(spec) if test_batches is None else test_batches
     gd, ridge = [], []
     for b in test:
         obs, tgt = np.asarray(b.obs_BTS), np.asarray(b.targets_BTS)

@@ -160,11 +160,14 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="A run directory written by `mesacli train`."),
     step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the latest)."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also evaluate GD-1 and ridge LSQ."),
+    test_set: str = typer.Option("ours", help="ours: the spec's fixed test batches (eval_step<N>.json); authors: "
+                                 "the authors' own test sequences of the paper's figures (seeds 1 .. 11111, 5 x "
+                                 "256 linear / 5 x 512 nonlinear; eval_authors_step<N>.json)."),
 ):
     """Evaluate a checkpoint on the spec's fixed test batches (per-position loss), with baselines."""
     from mesacli.evaluate import evaluate_run
 
-    console.print(render.eval_report(evaluate_run(run_dir, step, with_baselines=baselines)))
+    console.print(render.eval_report(evaluate_run(run_dir, step, with_baselines=baselines, test_set=test_set)))
 
 
 @app.command()

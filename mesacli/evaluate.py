@@ -1,5 +1,6 @@
 """Test loss on a spec's fixed test batches: ``make_evaluator`` (used during training) and ``evaluate_run``
-(a run directory's checkpoint next to the baselines)."""
+(a run directory's checkpoint next to the baselines), on our test batches or on the authors' own
+(``tasks.authors_test_batch``: the test sequences of the paper's figures)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,32 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mesacli import baselines, model, plots, rundir, tasks
 from mesacli.checkpoint import dump_json
+from mesacli.errors import MesaError
 from mesacli.rundir import replica_seeds
 from mesacli.sharding import make_mesh
 from mesacli.spec import Spec
 from mesacli.state import load_params
 
+TEST_SETS = ("ours", "authors")
 
-def make_evaluator(spec: Spec, mesh: Mesh, stacked: bool = False) -> Callable[[Any], np.ndarray]:
-    """params -> per-position test loss [T], the mean over the fixed test batches; with ``stacked``,
-    params with a leading replica axis -> [S, T].  MesaError if the test batches and their evaluation do not fit
-    in memory (checked on the compiled evaluation, before a batch is made)."""
+
+def test_batches(spec: Spec, test_set: str, sharding: NamedSharding | None = None) -> list[tasks.Batch]:
+    """The fixed test batches of ``test_set``: "ours" (``tasks.eval_batches``: train.eval_batches x batch_size
+    from train.eval_seed) or "authors" (``tasks.authors_test_batch``: 5 batches from seeds 1 .. 11111, of 256
+    sequences (linear task) or 512 (nonlinear))."""
+    if test_set == "ours":
+        return tasks.eval_batches(spec, sharding=sharding)
+    if test_set == "authors":
+        return [jax.device_put(tasks.authors_test_batch(spec.task, seed), sharding)
+                for seed in tasks.AUTHORS_TEST_SEEDS]
+    raise ValueError(f"test_set must be one of {TEST_SETS}, got {test_set!r}")
+
+
+def make_evaluator(spec: Spec, mesh: Mesh, stacked: bool = False, test_set: str = "ours"
+                   ) -> Callable[[Any], np.ndarray]:
+    """params -> per-position test loss [T], the mean over the fixed test batches (``test_batches``); with
+    ``stacked``, params with a leading replica axis -> [S, T].  MesaError if our test batches and their evaluation
+    do not fit in memory (checked on the compiled evaluation, before a batch is made)."""
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
     def curve(params, batch):
@@ -31,8 +48,9 @@ def make_evaluator(spec: Spec, mesh: Mesh, stacked: bool = False) -> Callable[[A
 
     curve = jax.jit(jax.vmap(curve, in_axes=(0, None)) if stacked else curve,
                     out_shardings=NamedSharding(mesh, PartitionSpec()))
-    _check_fits(spec, mesh, curve, batch_sharding, stacked)
-    batches = tasks.eval_batches(spec, sharding=batch_sharding)
+    if test_set == "ours":
+        _check_fits(spec, mesh, curve, batch_sharding, stacked)
+    batches = test_batches(spec, test_set, batch_sharding)
 
     def evaluate(params) -> np.ndarray:
         return np.mean([np.asarray(curve(params, b)) for b in batches], axis=0)
@@ -70,28 +88,39 @@ class EvalReport:
     json_path: Path
     plot_path: Path
     per_seed: np.ndarray  # [S, T] per-position loss of every replica (S = 1 for a plain run)
+    test_set: str = "ours"  # TEST_SETS
 
 
-def evaluate_run(run_dir: str | Path, step: int | None = None, with_baselines: bool = True) -> EvalReport:
+def evaluate_run(run_dir: str | Path, step: int | None = None, with_baselines: bool = True,
+                 test_set: str = "ours") -> EvalReport:
     """Per-position test loss of the checkpoint (latest or ``step``) and, optionally, of GD-1 (eta
-    line-searched) and ridge LSQ; writes RUN_DIR/eval_step<N>.json and .png."""
+    line-searched) and ridge LSQ, on ``test_set`` (``test_batches``); writes RUN_DIR/eval_step<N>.json and .png
+    (eval_authors_step<N>.* for the authors' test batches)."""
+    if test_set not in TEST_SETS:
+        raise MesaError(f"unknown test set {test_set!r}: choose one of {', '.join(TEST_SETS)}")
     run_dir = Path(run_dir)
     spec, params, at_step = load_params(run_dir, step)
+    if test_set == "authors":
+        tasks.authors_test_batch(spec.task, 0, 1)  # MesaError now for a task without them, before any work
     rundir.check_writable(run_dir)
     stacked = spec.train.seeds > 1
-    per_seed = np.atleast_2d(make_evaluator(spec, make_mesh(replicas=spec.train.seeds), stacked=stacked)(params))
+    mesh = make_mesh(replicas=spec.train.seeds)
+    per_seed = np.atleast_2d(make_evaluator(spec, mesh, stacked=stacked, test_set=test_set)(params))
     label = f"{spec.name} @ {at_step}" + (f" ({spec.train.seeds} seeds, mean ± std)" if stacked else "")
     curves = {label: per_seed.mean(axis=0)}
     eta = None
     if with_baselines:
-        baseline_curves, eta = baselines.baseline_curves(spec)
+        baseline_curves, eta = baselines.baseline_curves(
+            spec, test_batches=None if test_set == "ours" else test_batches(spec, test_set))
         curves.update(baseline_curves)
-    json_path, plot_path = run_dir / f"eval_step{at_step}.json", run_dir / f"eval_step{at_step}.png"
+    stem = f"eval_step{at_step}" if test_set == "ours" else f"eval_{test_set}_step{at_step}"
+    json_path, plot_path = run_dir / f"{stem}.json", run_dir / f"{stem}.png"
     model_curve = next(iter(curves.values()))
     record = {
         "step": at_step, "seq_avg_loss": float(np.mean(model_curve)),
         "per_position_loss": [float(x) for x in model_curve], "gd1_eta": eta,
         "baselines": {name: [float(x) for x in c] for name, c in list(curves.items())[1:]},
+        "test_set": test_set,
     }
     if stacked:
         seeds = replica_seeds(spec.train)
@@ -99,6 +128,7 @@ def evaluate_run(run_dir: str | Path, step: int | None = None, with_baselines: b
                       per_seed={str(s): {"seq_avg_loss": float(c.mean()), "per_position_loss": c.tolist()}
                                 for s, c in zip(seeds, per_seed, strict=True)})
     dump_json(json_path, record)
-    plots.per_position_plot(curves, plot_path, title=f"{spec.name}: test loss per position (step {at_step})",
+    where = "" if test_set == "ours" else ", the authors' test batches"
+    plots.per_position_plot(curves, plot_path, title=f"{spec.name}: test loss per position (step {at_step}{where})",
                             dashed=tuple(list(curves)[1:]), bands={label: per_seed.std(axis=0)} if stacked else None)
-    return EvalReport(spec, at_step, curves, eta, json_path, plot_path, per_seed)
+    return EvalReport(spec, at_step, curves, eta, json_path, plot_path, per_seed, test_set)

@@ -68,7 +68,8 @@ def eval_report(report: Any) -> Group:
     """`mesacli eval`: the checkpoint's per-position test loss next to the baselines."""
     rows = [(name, {"curve": curve, "steps": report.step if i == 0 else None})
             for i, (name, curve) in enumerate(report.curves.items())]
-    return Group(loss_table(f"{report.spec.name}: test loss", rows, shown=positions(report.spec.task.seq_len)),
+    where = " on the authors' test batches" if report.test_set == "authors" else ""
+    return Group(loss_table(f"{report.spec.name}: test loss{where}", rows, shown=positions(report.spec.task.seq_len)),
                  Text(f"outputs: {report.json_path}, {report.plot_path}"))
 
 

@@ -3,6 +3,7 @@ traceback), through the CLI; plus the fixes that make a run directory and its me
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -343,3 +344,15 @@ def test_train_start_from_a_run_of_another_recipe_is_one_line(tmp_path):
     result = invoke("train", longer, "--run-dir", tmp_path / "long3", "--no-progress", "--start-from",
                     tmp_path / "short")
     assert result.exit_code == 0, result.output
+
+
+def test_eval_on_the_authors_test_batches_and_an_unknown_test_set(trained):
+    """`mesacli eval --test-set authors` evaluates on the authors' own test sequences (tasks.authors_test_batch) into
+    its own record, beside eval_step<N>.json; an unknown test set is one line."""
+    result = invoke("eval", trained, "--test-set", "authors", "--no-baselines")
+    assert result.exit_code == 0, result.output
+    assert "on the authors' test batches" in result.output
+    record = json.loads((trained / "eval_authors_step2.json").read_text())
+    assert record["test_set"] == "authors" and len(record["per_position_loss"]) == 8
+    assert all(math.isfinite(x) for x in record["per_position_loss"])
+    assert_one_line_error(invoke("eval", trained, "--test-set", "theirs"), "unknown test set 'theirs'")
