@@ -223,11 +223,16 @@ def finite_or_none(data: Any) -> Any:
     return data
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace the file ``path`` by ``text`` atomically (temp file + rename): a crash leaves the old or the new."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def dump_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file + rename); non-finite numbers become null."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(finite_or_none(data), indent=1, allow_nan=False))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(finite_or_none(data), indent=1, allow_nan=False))
 
 
 def check_output_path(path: Path) -> None:

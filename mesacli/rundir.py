@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import jax
 
-from mesacli.checkpoint import Checkpoints, CheckpointUnreadable, check_checkpoint_path
+from mesacli.checkpoint import Checkpoints, CheckpointUnreadable, check_checkpoint_path, write_text_atomic
 from mesacli.errors import MesaError
 from mesacli.spec_loader import spec_diff, spec_to_dict, spec_to_yaml
 
@@ -278,9 +278,11 @@ def start_from_run(source_dir: str | Path, run_dir: str | Path, spec: Any, load:
                 if line.strip() and json.loads(line).get("step", 0) <= step:
                     lines.append(line)
         (run_dir / METRICS_FILE).write_text("".join(f"{line}\n" for line in lines))
-        for session in read_sessions(source_dir):  # the steps it starts from were trained there: say where
-            if session.get("from_step", 0) < step:
-                record_session(run_dir, dict(session, run=source_dir.name))
+        # the steps it starts from were trained there: say where (one write for all the source's lines)
+        copied = [dict(session, run=source_dir.name) for session in read_sessions(source_dir)
+                  if session.get("from_step", 0) < step]
+        if copied:
+            _write_sessions(run_dir, read_sessions(run_dir) + copied)
     return step
 
 
@@ -310,10 +312,7 @@ def forget_session(run_dir: str | Path, session: str) -> None:
 
 
 def _write_sessions(run_dir: str | Path, sessions: list[dict]) -> None:
-    path = Path(run_dir) / SESSIONS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(s) + "\n" for s in sessions))
-    os.replace(tmp, path)
+    write_text_atomic(Path(run_dir) / SESSIONS_FILE, "".join(json.dumps(s) + "\n" for s in sessions))
 
 
 def read_sessions(run_dir: str | Path) -> list[dict]:
