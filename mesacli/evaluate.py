@@ -23,23 +23,12 @@ from mesacli.state import load_params
 TEST_SETS = ("ours", "authors")
 
 
-def test_batches(spec: Spec, test_set: str, sharding: NamedSharding | None = None) -> list[tasks.Batch]:
-    """The fixed test batches of ``test_set``: "ours" (``tasks.eval_batches``: train.eval_batches x batch_size
-    from train.eval_seed) or "authors" (``tasks.authors_test_batch``: 5 batches from seeds 1 .. 11111, of 256
-    sequences (linear task) or 512 (nonlinear))."""
-    if test_set == "ours":
-        return tasks.eval_batches(spec, sharding=sharding)
-    if test_set == "authors":
-        return [jax.device_put(tasks.authors_test_batch(spec.task, seed), sharding)
-                for seed in tasks.AUTHORS_TEST_SEEDS]
-    raise ValueError(f"test_set must be one of {TEST_SETS}, got {test_set!r}")
-
-
-def make_evaluator(spec: Spec, mesh: Mesh, stacked: bool = False, test_set: str = "ours"
+def make_evaluator(spec: Spec, mesh: Mesh, stacked: bool = False, batches: list[tasks.Batch] | None = None
                    ) -> Callable[[Any], np.ndarray]:
-    """params -> per-position test loss [T], the mean over the fixed test batches (``test_batches``); with
-    ``stacked``, params with a leading replica axis -> [S, T].  MesaError if our test batches and their evaluation
-    do not fit in memory (checked on the compiled evaluation, before a batch is made)."""
+    """params -> per-position test loss [T], the mean over the spec's fixed test batches (or ``batches``, e.g. the
+    authors' ``tasks.authors_test_batch``); with ``stacked``, params with a leading replica axis -> [S, T].
+    MesaError if the spec's test batches and their evaluation do not fit in memory (checked on the compiled
+    evaluation, before a batch is made)."""
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
     def curve(params, batch):
@@ -48,9 +37,11 @@ def make_evaluator(spec: Spec, mesh: Mesh, stacked: bool = False, test_set: str 
 
     curve = jax.jit(jax.vmap(curve, in_axes=(0, None)) if stacked else curve,
                     out_shardings=NamedSharding(mesh, PartitionSpec()))
-    if test_set == "ours":
+    if batches is None:
         _check_fits(spec, mesh, curve, batch_sharding, stacked)
-    batches = test_batches(spec, test_set, batch_sharding)
+        batches = tasks.eval_batches(spec, sharding=batch_sharding)
+    else:
+        batches = [jax.device_put(b, batch_sharding) for b in batches]
 
     def evaluate(params) -> np.ndarray:
         return np.mean([np.asarray(curve(params, b)) for b in batches], axis=0)
@@ -94,24 +85,25 @@ class EvalReport:
 def evaluate_run(run_dir: str | Path, step: int | None = None, with_baselines: bool = True,
                  test_set: str = "ours") -> EvalReport:
     """Per-position test loss of the checkpoint (latest or ``step``) and, optionally, of GD-1 (eta
-    line-searched) and ridge LSQ, on ``test_set`` (``test_batches``); writes RUN_DIR/eval_step<N>.json and .png
-    (eval_authors_step<N>.* for the authors' test batches)."""
+    line-searched) and ridge LSQ, on ``test_set``: "ours" (the spec's fixed test batches) or "authors"
+    (``tasks.authors_test_batch``: 5 batches from seeds 1 .. 11111, of 256 sequences (linear task) or 512
+    (nonlinear)); writes RUN_DIR/eval_step<N>.json and .png (eval_authors_step<N>.* for the authors' batches)."""
     if test_set not in TEST_SETS:
         raise MesaError(f"unknown test set {test_set!r}: choose one of {', '.join(TEST_SETS)}")
     run_dir = Path(run_dir)
     spec, params, at_step = load_params(run_dir, step)
-    if test_set == "authors":
-        tasks.authors_test_batch(spec.task, 0, 1)  # MesaError now for a task without them, before any work
     rundir.check_writable(run_dir)
+    batches = None  # the spec's own
+    if test_set == "authors":  # drawn once, for the model and the baselines (MesaError for a task without them)
+        batches = [tasks.authors_test_batch(spec.task, seed) for seed in tasks.AUTHORS_TEST_SEEDS]
     stacked = spec.train.seeds > 1
-    mesh = make_mesh(replicas=spec.train.seeds)
-    per_seed = np.atleast_2d(make_evaluator(spec, mesh, stacked=stacked, test_set=test_set)(params))
+    per_seed = np.atleast_2d(make_evaluator(spec, make_mesh(replicas=spec.train.seeds), stacked=stacked,
+                                            batches=batches)(params))
     label = f"{spec.name} @ {at_step}" + (f" ({spec.train.seeds} seeds, mean ± std)" if stacked else "")
     curves = {label: per_seed.mean(axis=0)}
     eta = None
     if with_baselines:
-        baseline_curves, eta = baselines.baseline_curves(
-            spec, test_batches=None if test_set == "ours" else test_batches(spec, test_set))
+        baseline_curves, eta = baselines.baseline_curves(spec, test_batches=batches)
         curves.update(baseline_curves)
     stem = f"eval_step{at_step}" if test_set == "ours" else f"eval_{test_set}_step{at_step}"
     json_path, plot_path = run_dir / f"{stem}.json", run_dir / f"{stem}.png"
