@@ -162,7 +162,7 @@ def evaluate(
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also evaluate GD-1 and ridge LSQ."),
     test_set: str = typer.Option("ours", help="ours: the spec's fixed test batches (eval_step<N>.json); authors: "
                                  "the authors' own test sequences of the paper's figures (seeds 1 .. 11111, 5 x "
-                                 "256 linear / 5 x 512 nonlinear; eval_authors_step<N>.json)."),
+                                 "256 linear / 5 x 512 nonlinear and partially observed; eval_authors_step<N>.json)."),
 ):
     """Evaluate a checkpoint on the spec's fixed test batches (per-position loss), with baselines."""
     from mesacli.evaluate import evaluate_run

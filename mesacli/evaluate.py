@@ -20,7 +20,7 @@ from mesacli.sharding import make_mesh
 from mesacli.spec import Spec
 from mesacli.state import load_params
 
-TEST_SETS = ("ours", "authors")
+TEST_SETS = tuple(rundir.EVAL_STEMS)  # ("ours", "authors")
 
 
 def make_evaluator(spec: Spec, mesh: Mesh, stacked: bool = False, batches: list[tasks.Batch] | None = None
@@ -87,7 +87,8 @@ def evaluate_run(run_dir: str | Path, step: int | None = None, with_baselines: b
     """Per-position test loss of the checkpoint (latest or ``step``) and, optionally, of GD-1 (eta
     line-searched) and ridge LSQ, on ``test_set``: "ours" (the spec's fixed test batches) or "authors"
     (``tasks.authors_test_batch``: 5 batches from seeds 1 .. 11111, of 256 sequences (linear task) or 512
-    (nonlinear)); writes RUN_DIR/eval_step<N>.json and .png (eval_authors_step<N>.* for the authors' batches)."""
+    (nonlinear, partially observed)); writes RUN_DIR/eval_step<N>.json and .png (eval_authors_step<N>.* for the
+    authors' batches)."""
     if test_set not in TEST_SETS:
         raise MesaError(f"unknown test set {test_set!r}: choose one of {', '.join(TEST_SETS)}")
     run_dir = Path(run_dir)
@@ -105,7 +106,7 @@ def evaluate_run(run_dir: str | Path, step: int | None = None, with_baselines: b
     if with_baselines:
         baseline_curves, eta = baselines.baseline_curves(spec, test_batches=batches)
         curves.update(baseline_curves)
-    stem = f"eval_step{at_step}" if test_set == "ours" else f"eval_{test_set}_step{at_step}"
+    stem = rundir.eval_record_stem(test_set, at_step)
     json_path, plot_path = run_dir / f"{stem}.json", run_dir / f"{stem}.png"
     model_curve = next(iter(curves.values()))
     record = {

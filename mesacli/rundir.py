@@ -7,6 +7,7 @@ A run directory (``mesacli train``, ``mesacli lm train``) holds::
     sessions.jsonl    one JSON line per training session: the steps it trained, its wall time and the machine
     checkpoints/<s>/  Orbax checkpoints of {params, opt_state, step} and {spec, step, loss} (mesacli.checkpoint)
     eval_curve.json   synthetic task: the final per-position test loss    (eval.json for a language model)
+    eval_step<s>.json ``mesacli eval`` on the spec's test batches (eval_authors_step<s>.json: the authors' ones)
     probe/            ``mesacli probe`` outputs;  prompt_tune/<stage>/: ``mesacli prompt-tune`` outputs
     seed<k>/          inside probe/ and prompt_tune/: one folder per replica of a ``train.seeds > 1`` run
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +40,23 @@ PROBE_DIR = "probe"
 SOLVER_DIR = "solver"  # records of the analyses that need no trained model (probe.run_model_free)
 TUNE_DIR = "prompt_tune"
 SESSIONS_FILE = "sessions.jsonl"  # provenance: where and how long each training session ran (``record_session``)
+EVAL_STEMS = {"ours": "eval", "authors": "eval_authors"}  # ``mesacli eval --test-set`` -> its records' stem
+
+
+def eval_record_stem(test_set: str, step: int) -> str:
+    """The name (without .json / .png) of ``mesacli eval``'s record of checkpoint ``step`` on ``test_set``."""
+    return f"{EVAL_STEMS[test_set]}_step{step}"
+
+
+def eval_record_steps(run_dir: str | Path, test_set: str = "ours") -> dict[int, Path]:
+    """The eval records of ``run_dir`` on ``test_set``: {checkpoint step: path of its JSON}."""
+    stem = EVAL_STEMS[test_set]
+    found = {}
+    for path in Path(run_dir).glob(f"{stem}_step*.json"):
+        match = re.fullmatch(rf"{stem}_step(\d+)\.json", path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return found
 
 SpecLoader = Callable[[Path], Any]
 

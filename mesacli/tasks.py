@@ -152,8 +152,9 @@ def eval_batch_key(spec: Spec, index: int) -> jax.Array:
 AUTHORS_TEST_SEEDS = (1, 11, 111, 1111, 11111)  # [C] sequenceloss_eval.py: one test batch per PRNGKey(seed)
 # sequences per test batch, as found by reproducing the stored curves on these batches: GD-1 (eta 0.032) of
 # Fig. 4C/D to 3 decimals at every listed t with 256 (not 128, 512 or 1024), [C]'s 6-step Prop-2 of Fig. 7C
-# (0.0037 / 0.0154) with 512 (tests/test_probe_linprobe.py)
-AUTHORS_TEST_BATCH = {"linear": 256, "nonlinear": 512}
+# (0.0037 / 0.0154) and of Fig. 7B (0.135 / 1.74) with 512 (tests/test_probe_linprobe.py; for the partially
+# observed task also run_model_comparisons.ipynb's test_batch_size=512)
+AUTHORS_TEST_BATCH = {"linear": 256, "nonlinear": 512, "partial": 512}
 
 
 def authors_test_batch(task: TaskSpec, seed: int, batch_size: int | None = None) -> Batch:
@@ -162,35 +163,46 @@ def authors_test_batch(task: TaskSpec, seed: int, batch_size: int | None = None)
     transcribed.  Linear: the key split 6 ways (W, h_1, noise = parts 1, 2, 3), h_{t+1} = clip(W h_t + eps);
     nonlinear: split 4 ways, h_{t+1} = W f*(h_t) + eps with f* the unit-norm teacher MLP (+1e-16), no clip.  W is
     Haar-orthogonal and h_1 ~ U(-init_scale, init_scale) per sequence; each sequence's noise keys are
-    split(key_b, T + 1)[:-1].  The paper's per-position curves are the mean over AUTHORS_TEST_SEEDS of batches of
-    AUTHORS_TEST_BATCH[kind] sequences (the default): evaluating on them compares a model with the paper on the
-    very test sequences of its figures."""
-    if task.kind not in ("linear", "nonlinear") or task.init_dist != "uniform" or task.obs_noise:
-        raise MesaError(f"the authors' test batches are transcribed for the linear and nonlinear tasks (h_1 uniform, "
-                        f"no observation noise), not task.kind {task.kind!r}")
+    split(key_b, T + 1)[:-1].  Partially observed ([C] src/data/seq/linear_seq.py, the linear generator with
+    eye_obs=False, obs_dim 5, data_dim 15): the linear branch's hidden states, then per sequence
+    C = obs_matrix_std N(0, 1) [n_s, n_h] from part 5 and observation noise obs_noise N(0, 1) [B, T + 1, n_s] from
+    part 4, s_t = C h_t + noise_t for t = 1 .. T + 1 (inputs s_1..s_T, targets s_2..s_{T+1}).  The paper's
+    per-position curves are the mean over AUTHORS_TEST_SEEDS of batches of AUTHORS_TEST_BATCH[kind] sequences (the
+    default): evaluating on them compares a model with the paper on the very test sequences of its figures."""
+    noisy = task.obs_noise and task.kind != "partial"
+    if task.kind not in AUTHORS_TEST_BATCH or task.init_dist != "uniform" or noisy:
+        raise MesaError(f"the authors' test batches are transcribed for the linear, nonlinear and partially observed "
+                        f"tasks (h_1 uniform, observation noise on the partially observed task only), not task.kind "
+                        f"{task.kind!r} (init_dist {task.init_dist!r}, obs_noise {task.obs_noise})")
     n, batch_size = task.state_dim, batch_size or AUTHORS_TEST_BATCH[task.kind]
     with jax.threefry_partitionable(False):
-        keys = jax.random.split(jax.random.PRNGKey(seed), 6 if task.kind == "linear" else 4)
+        keys = jax.random.split(jax.random.PRNGKey(seed), 4 if task.kind == "nonlinear" else 6)
         w_BHH = jax.random.orthogonal(keys[1], n, shape=(batch_size,))
         h1_BH = jax.random.uniform(keys[2], (batch_size, n), minval=-task.init_scale, maxval=task.init_scale)
 
         def sequence(w_HH, h1_H, key):
             def step(h, k):
                 eps = task.state_noise * jax.random.normal(k, (n,))
-                if task.kind == "linear":
-                    h = jnp.clip(w_HH @ h + eps, -task.state_clip, task.state_clip)
-                else:
+                if task.kind == "nonlinear":
                     a, b = nonlinear_mlp_weights(task)
                     m = b @ jax.nn.gelu(a @ h, approximate=True)
                     h = w_HH @ (m / (jnp.linalg.norm(m) + 1e-16)) + eps
+                else:
+                    h = jnp.clip(w_HH @ h + eps, -task.state_clip, task.state_clip)
                 return h, h
 
             _, rest = jax.lax.scan(step, h1_H, jax.random.split(key, task.seq_len + 1)[:-1])
             return jnp.concatenate([h1_H[None], rest])
 
         states_BTH = jax.vmap(sequence)(w_BHH, h1_BH, jax.random.split(keys[3], batch_size))
-    obs = states_BTH[:, :-1]
-    return Batch(make_tokens(task, obs), states_BTH[:, 1:], obs)
+        if task.kind == "partial":
+            c_BSH = task.obs_matrix_std * jax.random.normal(keys[5], (batch_size, task.obs_dim, n))
+            noise_BTS = task.obs_noise * jax.random.normal(keys[4], (batch_size, task.seq_len + 1, task.obs_dim))
+            seq_BTS = jnp.einsum("bsh,bth->bts", c_BSH, states_BTH) + noise_BTS
+        else:
+            seq_BTS = states_BTH  # fully observed: s_t = h_t
+    obs = seq_BTS[:, :-1]
+    return Batch(make_tokens(task, obs), seq_BTS[:, 1:], obs)
 
 
 def per_position_loss(pred_BTS: jax.Array, target_BTS: jax.Array) -> jax.Array:

@@ -119,6 +119,11 @@ def test_metrics_read_the_records_that_eval_probe_and_icl_eval_write(tmp_path):
     assert read("eval.seq_avg") == pytest.approx(np.mean(curve))
     assert metrics.parse_metric("eval.t2").read(run) == metrics.Reading(0.5, 10)
     assert read("eval.gd1.t4") == 0.9 and read("eval.ridge.seq_avg") == pytest.approx(0.27775)
+    (run / "eval_authors_step10.json").write_text(json.dumps({"step": 10, "per_position_loss": [4, 3, 2, 1],
+                                                               "baselines": {"GD-1 (eta=0.03)": [5, 5, 5, 5]}}))
+    assert metrics.parse_metric("eval_authors.t2").read(run) == metrics.Reading(3, 10)
+    assert read("eval_authors.gd1.t4") == 5 and read("eval.t2") == 0.5  # each test set reads its own record
+    assert metrics.parse_metric("eval_authors.seq_avg").analysis == "eval_authors"
     assert read("probe.target.layer0.t3") == 3 and read("probe.target.layerlast.t3") == 0.5
     assert read("probe.precond.layer1.t1") == 4
     assert read("probe.target.t3.falls") is True and read("probe.target.t4.falls") is False
@@ -302,6 +307,27 @@ def test_status_and_report_show_a_miss_as_a_miss(tmp_path):
     row = next(line for line in report.split("## How the record was made")[1].splitlines()
                if line.startswith("| tiny |"))
     assert row.startswith("| tiny | 6 | 1 (6 steps) | cpu (") and "CPUs)" in row
+    assert "authors' test seqs" not in report and ok.ours_authors is None  # the spec does not run eval_authors
+
+    # eval_authors: the same metrics on the authors' test sequences, beside ours, the verdict still on ours
+    authors_text = TINY_LEDGER.replace("analyses: [eval]", "analyses: [eval, eval_authors]")
+    ledger = load_ledger(_write_ledger(tmp_path, authors_text.replace("PAPER_OK", f"{ours_seq * 1.05:.6f}")
+                                       .replace("PAPER_MISS", f"{ours_t8 * 3:.6f}")), experiments)
+    assert ledger_status(ledger, ["tiny-seqavg"], results, experiments)[0].ours_authors is None  # not made yet
+    again = reproduce_run(ledger, None, results_dir=results, experiments_dir=experiments, progress=False,
+                          say=lambda _: None)
+    assert [s.what for s in again.stages] == ["eval_authors"]  # trained and evaluated already: only the new one
+    theirs = json.loads((results / "tiny" / "eval_authors_step6.json").read_text())
+    assert theirs["test_set"] == "authors" and theirs["per_position_loss"] != record["per_position_loss"]
+    by_id = {s.entry.id: s for s in ledger_status(ledger, None, results, experiments)}
+    ok, miss = by_id["tiny-seqavg"], by_id["tiny-t8-miss"]
+    assert ok.ours_authors == pytest.approx(theirs["seq_avg_loss"]) and ok.ours == pytest.approx(ours_seq)
+    assert miss.ours_authors == pytest.approx(theirs["per_position_loss"][7]) and miss.within is False
+    assert by_id["tiny-claim"].ours_authors is None and ok.to_json()["ours_authors"] == ok.ours_authors
+    report = write_report(list(by_id.values()), results).read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| `tiny-seqavg` |"))
+    assert f"| {metrics.fmt_value(ok.ours_authors)} |" in row and "| within |" in row
+    assert "ours, authors' test seqs" in report
 
 
 def test_status_marks_a_run_of_another_spec_as_outdated(tmp_path):

@@ -4,6 +4,7 @@ A metric names one number (or one yes/no property) of the records that `mesacli 
 (and the model-free analyses of `reproduce run`, ``solver:<analysis>``) write into a run directory::
 
     eval.seq_avg  eval.t<N>  eval.<gd1|ridge>.<seq_avg|t<N>>                     eval_step<S>.json (latest S)
+    eval_authors.<...>: as eval.<...>, on the authors' test sequences            eval_authors_step<S>.json
     probe.<target|precond|current>.layer<L|last>.t<N>   probe.target.t<N>.falls   probe/probes.json
     probe.token.t<N>                                                             probe/binding.json
     probe.linearize.layer<L>                                                     probe/linearize.json
@@ -32,7 +33,7 @@ import numpy as np
 
 from mesacli.errors import MesaError
 from mesacli.probe.common import LSTSQ_CUTOFF
-from mesacli.rundir import PROBE_DIR, SOLVER_DIR
+from mesacli.rundir import PROBE_DIR, SOLVER_DIR, eval_record_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,19 +102,15 @@ def _at(curve, position: str) -> float | None:
 # ----------------------------------------------------------------------------- eval records
 
 
-def latest_eval_record(run_dir: Path) -> dict | None:
-    """The eval_step<S>.json of the largest S in ``run_dir`` (written by `mesacli eval`)."""
-    found = []
-    for path in Path(run_dir).glob("eval_step*.json"):
-        match = re.fullmatch(r"eval_step(\d+)\.json", path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return load_record(max(found)[1]) if found else None
+def latest_eval_record(run_dir: Path, test_set: str = "ours") -> dict | None:
+    """The eval record of the latest checkpoint step in ``run_dir`` (`mesacli eval [--test-set authors]`)."""
+    found = eval_record_steps(run_dir, test_set)
+    return load_record(found[max(found)]) if found else None
 
 
-def _eval_reader(baseline: str | None, position: str) -> Callable[[Path], Reading]:
+def _eval_reader(baseline: str | None, position: str, test_set: str = "ours") -> Callable[[Path], Reading]:
     def read(run_dir: Path) -> Reading:
-        record = latest_eval_record(run_dir)
+        record = latest_eval_record(run_dir, test_set)
         if record is None:
             return MISSING
         if baseline is not None:
@@ -238,6 +235,7 @@ _POS = r"(seq_avg|t\d+)"
 _RULES: list[tuple[str, Callable[[re.Match], tuple[str, Callable[[Path], Reading]]]]] = [
     (r"eval\.(seq_avg|t\d+)", lambda m: ("eval", _eval_reader(None, m[1]))),
     (rf"eval\.(gd1|ridge)\.{_POS}", lambda m: ("eval", _eval_reader(m[1], m[2]))),
+    (rf"eval_authors\.(?:(gd1|ridge)\.)?{_POS}", lambda m: ("eval_authors", _eval_reader(m[1], m[2], "authors"))),
     (r"probe\.(target|precond|current)\.layer(\d+|last)\.t(\d+)", lambda m: ("probe:probes", _probe_reader(
         "probes", lambda r: _layers_at(r, m[1], int(m[3]))[-1 if m[2] == "last" else int(m[2])]))),
     (r"probe\.target\.t(\d+)\.falls", lambda m: ("probe:probes", _probe_reader(

@@ -194,18 +194,24 @@ def write_report(statuses: list[EntryStatus], results_dir: Path = RESULTS_DIR, *
     if misses:
         lines += ["Misses: " + ", ".join(f"`{s.entry.id}`" for s in misses) + ".", ""]
     for figure, rows in groups.items():
-        lines += [f"## {figure}", "", "| id | spec | metric / claim | paper | ours | ratio | verdict | state |",
-                  "|---|---|---|---|---|---|---|---|"]
+        authors = any(s.ours_authors is not None for s in rows)  # a column only where a record has such a value
+        lines += [f"## {figure}", "", "| id | spec | metric / claim | paper | ours | " +
+                  ("ours, authors' test seqs | " if authors else "") + "ratio | verdict | state |",
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if authors else "")]
         for s in rows:
             e = s.entry
             what = e.claim or e.metric
             if e.checks:
                 what += " (" + "; ".join(f"`{c}`" for c in e.checks) + ")"
-            ours = s.ours_text()
+            ours = s.ours_text() + (f" | {fmt_value(s.ours_authors)}" if authors else "")
             ratio = "–" if s.ratio is None else f"{s.ratio:.2f}"
             lines.append(f"| `{e.id}` | {e.spec} | {what} | {fmt_value(s.paper)} | {ours} | {ratio} | "
                          f"{verdict(s)} | {s.state} |")
         notes = note_lines(rows)
+        if authors:
+            notes.append("- *ours, authors' test seqs*: the same metric on the test sequences behind the paper's "
+                         "curves (`mesacli eval RUN --test-set authors`: the authors' generator, seeds and batch "
+                         "size); ratio and verdict are on the spec's own test batches")
         if notes:
             lines += [""] + notes
         for kind, make in (("position", _position_figure), ("layers", _layer_figure), ("icl", _icl_figure)):

@@ -107,10 +107,10 @@ def _run_analysis(analysis: str, plan, run_dir: Path, progress: bool, say: Calla
         run_model_free(run_dir, arg, shipped_spec(run_dir.name, experiments_dir), options=plan.probe_options(),
                        report=say if progress else None)
         return f"{time.time() - started:.0f}s", False
-    if kind == "eval":
+    if kind in ("eval", "eval_authors"):
         from mesacli.evaluate import evaluate_run
 
-        report = evaluate_run(run_dir)
+        report = evaluate_run(run_dir, test_set="authors" if kind == "eval_authors" else "ours")
         return f"seq-avg {float(report.curves[next(iter(report.curves))].mean()):.4f}", False
     if kind == "probe":
         from mesacli.probe import run_probe

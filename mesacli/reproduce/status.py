@@ -72,6 +72,9 @@ class EntryStatus:
     ours_per_seed: tuple[float | None, ...] | None = None  # a run of several seeds: ``ours`` of each (its mean)
     # the recorded training sessions of each run the entry reads the model of (``run_provenance``)
     provenance: dict[str, Provenance] = dataclasses.field(default_factory=dict)
+    # an eval.* entry whose spec also runs eval_authors: its metric on the authors' test sequences (None until that
+    # record exists for the run's final step); the verdict stays on the spec's own test batches
+    ours_authors: float | None = None
 
     @property
     def trained_on(self) -> dict[str, tuple[str, ...]]:
@@ -96,7 +99,8 @@ class EntryStatus:
         e = self.entry
         return {"id": e.id, "figure": e.figure, "spec": e.spec, "seeds": e.seeds, "metric": e.metric,
                 "claim": e.claim, "checks": list(e.checks), "paper": self.paper, "ours": self.ours,
-                "ours_step": self.ours_step, "ours_per_seed": self.ours_per_seed, "ratio": self.ratio,
+                "ours_step": self.ours_step, "ours_per_seed": self.ours_per_seed, "ours_authors": self.ours_authors,
+                "ratio": self.ratio,
                 "tolerance": e.tolerance, "within": self.within, "state": self.state,
                 "cpu_left_s": round(self.cpu_left_s, 1), "source": e.source, "note": e.note, "values": self.values,
                 "trained_on": {name: list(machines) for name, machines in self.trained_on.items()}}
@@ -178,8 +182,8 @@ def analysis_current(analysis: str, plan, state: RunState) -> bool:
     definitions."""
     kind, _, arg = analysis.partition(":")
     run_dir, total = state.run_dir, state.total_steps
-    if kind == "eval":
-        record = metrics.latest_eval_record(run_dir)
+    if kind in ("eval", "eval_authors"):
+        record = metrics.latest_eval_record(run_dir, "authors" if kind == "eval_authors" else "ours")
         return record is not None and record.get("step") == total
     if kind in ("probe", "solver"):
         record = metrics.probe_record(run_dir, arg, PROBE_DIR if kind == "probe" else SOLVER_DIR)
@@ -252,7 +256,17 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState],
     else:
         within = None if ratio is None else bool(abs(ratio - 1.0) <= entry.tolerance)
     return EntryStatus(entry, entry.paper, main.value, main.step, ratio, within, state, sum(cpu_by_spec.values()),
-                       values, cpu_by_spec, main.per_seed, {name: provenance[name] for name in trained})
+                       values, cpu_by_spec, main.per_seed, {name: provenance[name] for name in trained},
+                       _on_authors_test_set(entry, ledger, states[entry.spec]))
+
+
+def _on_authors_test_set(entry: Entry, ledger: Ledger, state: RunState) -> float | None:
+    """The entry's eval.<...> metric read from the run's eval_authors record (eval_authors.<...>), when its spec
+    runs that analysis and the record is of the run's final step."""
+    if not (entry.metric or "").startswith("eval.") or not ledger.specs[entry.spec].analysis_for("eval_authors"):
+        return None
+    reading = metrics.parse_metric("eval_authors." + entry.metric.removeprefix("eval.")).read(state.run_dir)
+    return reading.value if reading.step == state.total_steps else None
 
 
 def ledger_status(ledger: Ledger, ids: list[str] | None = None, results_dir: Path = RESULTS_DIR,
