@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: install  ## the embedded default job: quick-start LSA-1 / Mesa-1 vs GD-1 and least squares
 	$(VENV)/bin/mesacli quickstart
 
-test: install  ## the default test suite (under 10 minutes on 2 CPU cores)
-	$(PY) -m pytest -q
+# TEST_WORKERS: pytest-xdist processes (one per core); each test file runs in one of them (its module fixtures once)
+TEST_WORKERS ?= 2
+
+test: install  ## the default test suite (under 10 minutes on 2 CPU cores; TEST_WORKERS=0 runs it in one process)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: install  ## the long tests only
 	$(PY) -m pytest -q -m slow
