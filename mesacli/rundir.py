@@ -58,6 +58,7 @@ def eval_record_steps(run_dir: str | Path, test_set: str = "ours") -> dict[int, 
             found[int(match.group(1))] = path
     return found
 
+
 SpecLoader = Callable[[Path], Any]
 
 

@@ -70,6 +70,7 @@ def _tiny_experiments(tmp_path, **sections) -> Path:
      "needs the analysis 'probe:binding'"),
     ("specs: {nothere: {step_seconds: 1}}\nentries: []", "no shipped spec nothere.yaml"),
     ("specs: {tiny: {step_seconds: 1, analyses: [probe:nope]}}\nentries: []", "unknown probe analysis"),
+    ("specs: {tiny: {step_seconds: 1, analyses: ['eval:authors']}}\nentries: []", "eval takes no argument"),
     ("specs: {tiny: {step_seconds: 1}}\nentries:\n"
      "  - {id: a, figure: F, spec: tiny, metric: eval.t1, paper: 1, priority: 1}\n"
      "  - {id: a, figure: F, spec: tiny, metric: eval.t2, paper: 1, priority: 1}", "duplicate id"),

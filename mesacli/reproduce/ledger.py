@@ -21,6 +21,7 @@ from mesacli.spec_loader import EXPERIMENTS_DIR, build_spec, parse_yaml
 LEDGER_FILE = Path(__file__).resolve().parent / "ledger.yaml"
 ANALYSIS_KINDS = ("eval", "eval_authors", "probe", "tune", "icl", "icl_continual", "solver")
 MODEL_FREE_KINDS = ("solver",)  # analyses run without a trained model (mesacli.probe.run_model_free)
+EVAL_TEST_SETS = {"eval": "ours", "eval_authors": "authors"}  # an eval analysis -> its `mesacli eval --test-set`
 
 
 def needs_model(analysis: str) -> bool:
@@ -135,7 +136,7 @@ def _check_analysis(name: str, analysis: str) -> None:
     kind, _, arg = analysis.partition(":")
     if kind not in ANALYSIS_KINDS:
         raise MesaError(f"specs.{name}: unknown analysis '{analysis}' (kinds: {', '.join(ANALYSIS_KINDS)})")
-    if kind in ("eval", "eval_authors") and arg:
+    if kind in EVAL_TEST_SETS and arg:
         raise MesaError(f"specs.{name}: {analysis}: {kind} takes no argument")
     if kind == "probe":
         from mesacli.probe.registry import ANALYSES

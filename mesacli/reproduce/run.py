@@ -24,7 +24,7 @@ from typing import Callable
 
 from mesacli import runtime
 from mesacli.errors import MesaError
-from mesacli.reproduce.ledger import Ledger, needs_model
+from mesacli.reproduce.ledger import EVAL_TEST_SETS, Ledger, needs_model
 from mesacli.reproduce.status import RESULTS_DIR, analysis_current, run_state, shipped_spec
 from mesacli.spec_loader import EXPERIMENTS_DIR
 
@@ -107,10 +107,10 @@ def _run_analysis(analysis: str, plan, run_dir: Path, progress: bool, say: Calla
         run_model_free(run_dir, arg, shipped_spec(run_dir.name, experiments_dir), options=plan.probe_options(),
                        report=say if progress else None)
         return f"{time.time() - started:.0f}s", False
-    if kind in ("eval", "eval_authors"):
+    if kind in EVAL_TEST_SETS:
         from mesacli.evaluate import evaluate_run
 
-        report = evaluate_run(run_dir, test_set="authors" if kind == "eval_authors" else "ours")
+        report = evaluate_run(run_dir, test_set=EVAL_TEST_SETS[kind])
         return f"seq-avg {float(report.curves[next(iter(report.curves))].mean()):.4f}", False
     if kind == "probe":
         from mesacli.probe import run_probe

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mesacli.errors import MesaError
 from mesacli.reproduce import metrics
-from mesacli.reproduce.ledger import Entry, Ledger, needs_model
+from mesacli.reproduce.ledger import EVAL_TEST_SETS, Entry, Ledger, needs_model
 from mesacli.rundir import PROBE_DIR, SOLVER_DIR
 from mesacli.spec_loader import EXPERIMENTS_DIR
 
@@ -182,8 +182,8 @@ def analysis_current(analysis: str, plan, state: RunState) -> bool:
     definitions."""
     kind, _, arg = analysis.partition(":")
     run_dir, total = state.run_dir, state.total_steps
-    if kind in ("eval", "eval_authors"):
-        record = metrics.latest_eval_record(run_dir, "authors" if kind == "eval_authors" else "ours")
+    if kind in EVAL_TEST_SETS:
+        record = metrics.latest_eval_record(run_dir, EVAL_TEST_SETS[kind])
         return record is not None and record.get("step") == total
     if kind in ("probe", "solver"):
         record = metrics.probe_record(run_dir, arg, PROBE_DIR if kind == "probe" else SOLVER_DIR)
