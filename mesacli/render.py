@@ -275,13 +275,15 @@ def ledger_table(statuses: list[Any]) -> Group:
     from mesacli.reproduce.status import total_cpu_left
 
     table = Table(title="the paper's results (ledger)", title_justify="left")
-    for name, justify in (("id", "left"), ("paper", "right"), ("ours", "right"), ("ratio", "right"),
-                          ("verdict", "left"), ("state", "left"), ("CPU left", "right")):
-        table.add_column(name, justify=justify)
+    authors = any(s.ours_authors is not None for s in statuses)  # eval_authors records: the same metric on theirs
+    for name, justify in (("id", "left"), ("paper", "right"), ("ours", "right"), ("on authors' seqs", "right"),
+                          ("ratio", "right"), ("verdict", "left"), ("state", "left"), ("CPU left", "right")):
+        if name != "on authors' seqs" or authors:
+            table.add_column(name, justify=justify)
     for s in statuses:
         style = {"within": "green", "holds": "green", "**MISS**": "red", "**FAILS**": "red"}.get(verdict(s), "")
-        ours = s.ours_text(at=" @")
-        table.add_row(s.entry.id, fmt_value(s.paper), ours, "–" if s.ratio is None else f"{s.ratio:.2f}",
+        ours = [s.ours_text(at=" @")] + ([fmt_value(s.ours_authors)] if authors else [])
+        table.add_row(s.entry.id, fmt_value(s.paper), *ours, "–" if s.ratio is None else f"{s.ratio:.2f}",
                       Text(verdict(s).strip("*"), style=style), s.state,
                       format_seconds(s.cpu_left_s) if s.cpu_left_s else "–")
     done = sum(s.done for s in statuses)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import yaml
 from conftest import TINY, merge
+from rich.console import Console
 
+from mesacli import render
 from mesacli.errors import MesaError
 from mesacli.reproduce import metrics
 from mesacli.reproduce.ledger import load_ledger
@@ -309,6 +311,9 @@ def test_status_and_report_show_a_miss_as_a_miss(tmp_path):
                if line.startswith("| tiny |"))
     assert row.startswith("| tiny | 6 | 1 (6 steps) | cpu (") and "CPUs)" in row
     assert "authors' test seqs" not in report and ok.ours_authors is None  # the spec does not run eval_authors
+    console = Console(width=200, record=True)
+    console.print(render.ledger_table(list(by_id.values())))
+    assert "authors'" not in console.export_text()
 
     # eval_authors: the same metrics on the authors' test sequences, beside ours, the verdict still on ours
     authors_text = TINY_LEDGER.replace("analyses: [eval]", "analyses: [eval, eval_authors]")
@@ -329,6 +334,10 @@ def test_status_and_report_show_a_miss_as_a_miss(tmp_path):
     row = next(line for line in report.splitlines() if line.startswith("| `tiny-seqavg` |"))
     assert f"| {metrics.fmt_value(ok.ours_authors)} |" in row and "| within |" in row
     assert "ours, authors' test seqs" in report
+    console = Console(width=200, record=True)  # `reproduce status`: the same column
+    console.print(render.ledger_table(list(by_id.values())))
+    table = console.export_text()
+    assert "on authors' seqs" in table and metrics.fmt_value(ok.ours_authors) in table.split("tiny-seqavg")[1]
 
 
 def test_status_marks_a_run_of_another_spec_as_outdated(tmp_path):
