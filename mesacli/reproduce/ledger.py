@@ -16,12 +16,14 @@ from pathlib import Path
 
 from mesacli.errors import MesaError
 from mesacli.reproduce import metrics
+from mesacli.rundir import EVAL_STEMS
 from mesacli.spec_loader import EXPERIMENTS_DIR, build_spec, parse_yaml
 
 LEDGER_FILE = Path(__file__).resolve().parent / "ledger.yaml"
 ANALYSIS_KINDS = ("eval", "eval_authors", "probe", "tune", "icl", "icl_continual", "solver")
 MODEL_FREE_KINDS = ("solver",)  # analyses run without a trained model (mesacli.probe.run_model_free)
-EVAL_TEST_SETS = {"eval": "ours", "eval_authors": "authors"}  # an eval analysis -> its `mesacli eval --test-set`
+# an eval analysis -> its `mesacli eval --test-set`: the analysis is named as its record (eval, eval_authors)
+EVAL_TEST_SETS = {stem: test_set for test_set, stem in EVAL_STEMS.items()}
 
 
 def needs_model(analysis: str) -> bool:
