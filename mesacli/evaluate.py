@@ -96,7 +96,7 @@ def evaluate_run(run_dir: str | Path, step: int | None = None, with_baselines: b
     rundir.check_writable(run_dir)
     batches = None  # the spec's own
     if test_set == "authors":  # drawn once, for the model and the baselines (MesaError for a task without them)
-        batches = [tasks.authors_test_batch(spec.task, seed) for seed in tasks.AUTHORS_TEST_SEEDS]
+        batches = tasks.authors_test_batches(spec.task)
     stacked = spec.train.seeds > 1
     per_seed = np.atleast_2d(make_evaluator(spec, make_mesh(replicas=spec.train.seeds), stacked=stacked,
                                             batches=batches)(params))

@@ -157,6 +157,21 @@ AUTHORS_TEST_SEEDS = (1, 11, 111, 1111, 11111)  # [C] sequenceloss_eval.py: one 
 AUTHORS_TEST_BATCH = {"linear": 256, "nonlinear": 512, "partial": 512}
 
 
+def check_authors_test_batches(task: TaskSpec) -> None:
+    """MesaError (one line) unless ``authors_test_batch`` covers ``task``: the linear, nonlinear and partially
+    observed tasks with h_1 uniform, observation noise on the partially observed task only."""
+    noisy = task.obs_noise and task.kind != "partial"
+    if task.kind not in AUTHORS_TEST_BATCH or task.init_dist != "uniform" or noisy:
+        raise MesaError(f"the authors' test batches are transcribed for the linear, nonlinear and partially observed "
+                        f"tasks (h_1 uniform, observation noise on the partially observed task only), not task.kind "
+                        f"{task.kind!r} (init_dist {task.init_dist!r}, obs_noise {task.obs_noise})")
+
+
+def authors_test_batches(task: TaskSpec) -> list[Batch]:
+    """The test batches of the paper's curves for ``task``: ``authors_test_batch`` of every AUTHORS_TEST_SEEDS."""
+    return [authors_test_batch(task, seed) for seed in AUTHORS_TEST_SEEDS]
+
+
 def authors_test_batch(task: TaskSpec, seed: int, batch_size: int | None = None) -> Batch:
     """The test batch the authors' code draws from PRNGKey(seed), with the random bits of jax < 0.5 (threefry
     layout before ``jax_threefry_partitionable``): their Linear/NonlinearSequenceDataGenerator.create_batch
@@ -169,11 +184,7 @@ def authors_test_batch(task: TaskSpec, seed: int, batch_size: int | None = None)
     part 4, s_t = C h_t + noise_t for t = 1 .. T + 1 (inputs s_1..s_T, targets s_2..s_{T+1}).  The paper's
     per-position curves are the mean over AUTHORS_TEST_SEEDS of batches of AUTHORS_TEST_BATCH[kind] sequences (the
     default): evaluating on them compares a model with the paper on the very test sequences of its figures."""
-    noisy = task.obs_noise and task.kind != "partial"
-    if task.kind not in AUTHORS_TEST_BATCH or task.init_dist != "uniform" or noisy:
-        raise MesaError(f"the authors' test batches are transcribed for the linear, nonlinear and partially observed "
-                        f"tasks (h_1 uniform, observation noise on the partially observed task only), not task.kind "
-                        f"{task.kind!r} (init_dist {task.init_dist!r}, obs_noise {task.obs_noise})")
+    check_authors_test_batches(task)
     n, batch_size = task.state_dim, batch_size or AUTHORS_TEST_BATCH[task.kind]
     with jax.threefry_partitionable(False):
         keys = jax.random.split(jax.random.PRNGKey(seed), 4 if task.kind == "nonlinear" else 6)

@@ -386,6 +386,21 @@ def test_prop2_on_the_tiny_run(probed):
         assert np.mean([loss for _, loss in history[-2:]]) < history[0][1]
 
 
+def test_prop2_authors_on_the_tiny_run_agrees_with_eval_on_the_authors_sequences(probed, tiny_run):
+    from mesacli.evaluate import evaluate_run
+
+    r, made = probed.results["prop2_authors"], probed.results["prop2"]
+    assert r["step"] == 20 and r["prop2"]["learned"] == made["learned"] and r["sequences_per_batch"] == 256
+    assert list(r["per_position_loss"]) == list(made["per_position_loss"])  # the model and prop2's solvers
+    theirs = evaluate_run(tiny_run, test_set="authors").curves  # another path: the evaluator, eval's baselines
+    model = r["per_position_loss"]["model (1 layer)"]
+    np.testing.assert_allclose(model, next(iter(theirs.values())), rtol=1e-5)
+    gd1 = next(name for name in theirs if name.startswith("GD-1"))  # "GD-1 (eta=0.1713)"
+    ours_gd1 = next(name for name in r["per_position_loss"] if name.startswith(gd1[:-1]))  # the same eta
+    np.testing.assert_allclose(r["per_position_loss"][ours_gd1], theirs[gd1], rtol=1e-5)
+    assert not np.allclose(model, made["per_position_loss"]["model (1 layer)"])  # not our test batches
+
+
 def test_compress_on_the_tiny_run(probed, tiny_run):
     from mesacli.state import load_params
 

@@ -250,9 +250,44 @@ def test_model_free_runs_refuse_an_analysis_that_reads_the_model(tmp_path):
         run_model_free(tmp_path / "run", "prop2", tiny(PARTIAL), options={"prop2_window": 0})
 
 
+def test_prop2_authors_runs_the_prop2_solvers_unchanged_on_the_authors_sequences(tmp_path):
+    spec = tiny(PARTIAL)
+    run = tmp_path / "run"
+    with pytest.raises(MesaError, match="prop2_authors evaluates the solvers of .*prop2.json, which is not there"):
+        run_model_free(run, "prop2_authors", spec)
+    made = run_model_free(run, "prop2", spec, options={**FAST, "prop2_lambda_search": False})
+    theirs = run_model_free(run, "prop2_authors", spec)
+    batches = tasks.authors_test_batches(spec.task)
+    assert len(batches) == 5 and batches[0].obs_BTS.shape == (512, 10, 2)  # the partially observed task's 5 x 512
+    assert theirs["model_free"] and theirs["k"] == 2 and theirs["variants"] == made["variants"]
+    assert list(theirs["per_position_loss"]) == list(made["per_position_loss"])  # the same curves, by name
+    for name, v in made["variants"].items():  # each baseline with prop2's features, alpha/beta and lambda
+        preds = solvers.solver_predictions(batches, v["alpha"], v["beta"], v["lambda"], task=spec.task,
+                                           features=v["features"], window=v["window"])
+        want = solvers.loss_curve(preds, batches)
+        np.testing.assert_allclose(theirs["per_position_loss"][v["curve"]], want, rtol=1e-6)
+        assert not np.allclose(want, made["per_position_loss"][v["curve"]])  # other sequences than ours
+        assert np.all(np.isfinite(theirs["per_position_loss"][v["ridge_curve"]]))
+        read = metrics.parse_metric(f"solver.prop2_authors.{name}.t10").read(run)
+        assert read.value == pytest.approx(want[-1], rel=1e-6)
+    assert (run / "solver" / "prop2_authors_loss.png").stat().st_size > 1000
+    from mesacli.probe import prop2_authors
+
+    record = json.loads((run / "solver" / "prop2_authors.json").read_text())
+    source = json.loads((run / "solver" / "prop2.json").read_text())
+    assert prop2_authors.reads_current(record, source)
+    source["variants"]["naive"]["lambda"] = 0.5  # prop2 made again, other solvers: this record is not current
+    assert not prop2_authors.reads_current(record, source) and not prop2_authors.reads_current(record, None)
+    assert "authors' seqs: Prop-2 concat" in prop2_authors.headline(record)
+    assert "| Prop-2 naive" in "\n".join(prop2_authors.summary(record))
+    with pytest.raises(MesaError, match="the authors' test batches are transcribed for"):
+        run_model_free(tmp_path / "other", "prop2_authors", tiny({"kind": "contracting"}))
+
+
 LEDGER = """
 specs:
-  tiny: {step_seconds: 0.5, analyses: [eval, "solver:prop2"], solver_seconds: 30, prop2_train_steps: 20}
+  tiny: {step_seconds: 0.5, analyses: [eval, "solver:prop2", "solver:prop2_authors"], solver_seconds: 30,
+         prop2_train_steps: 20}
 entries:
   - {id: concat, figure: F, spec: tiny, metric: solver.prop2.concat.t10, paper: 0.1, priority: 1}
   - {id: naive, figure: F, spec: tiny, metric: solver.prop2.naive.t10, paper: 1.0, priority: 1}
@@ -273,19 +308,23 @@ def test_the_ledger_produces_model_free_entries_without_training(tmp_path):
     assert before["model"].state == "missing" and before["model"].cpu_left_s == 4 * 0.5 + 120
     report = reproduce_run(ledger, ["concat", "naive"], results_dir=results, experiments_dir=experiments,
                            progress=False, say=lambda _: None)
-    assert [s.what for s in report.stages] == ["solver:prop2"]  # once for both entries, and no training
+    assert [s.what for s in report.stages] == ["solver:prop2", "solver:prop2_authors"]  # once each, no training
     assert not (results / "tiny" / "checkpoints").exists()
     after = {s.entry.id: s for s in ledger_status(ledger, None, results, experiments)}
     assert after["concat"].state == "done" and after["naive"].state == "done" and after["model"].state == "missing"
     assert after["concat"].ours > 0 and after["concat"].ours_step is None and after["concat"].cpu_left_s == 0
     record = json.loads((results / "tiny" / "solver" / "prop2.json").read_text())
     assert record["variants"]["concat"]["window"] == 16 and record["train_steps"] == 20
+    theirs = json.loads((results / "tiny" / "solver" / "prop2_authors.json").read_text())
+    assert after["concat"].ours_authors == pytest.approx(metrics.variant_curve(theirs, "concat")[9])
+    assert after["concat"].ours_authors != after["concat"].ours and after["model"].ours_authors is None
     text = write_report(list(after.values()), results).read_text()
     assert "| `concat` | tiny | solver.prop2.concat.t10 |" in text and "f-position.png" in text
+    assert f"| {metrics.fmt_value(after['concat'].ours_authors)} |" in text and "--analysis prop2_authors" in text
     again = reproduce_run(ledger, None, results_dir=results, experiments_dir=experiments, progress=False,
                           say=lambda _: None)
     assert [s.what for s in again.stages] == ["train", "eval"]  # the solver record is current: not made again
     bad = LEDGER.replace('"solver:prop2"', '"solver:binding"')
     (tmp_path / "bad.yaml").write_text(bad)
-    with pytest.raises(MesaError, match="solver:binding: only prop2 run without a trained model"):
+    with pytest.raises(MesaError, match="solver:binding: only prop2, prop2_authors run without a trained model"):
         load_ledger(tmp_path / "bad.yaml", experiments)

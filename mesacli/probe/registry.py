@@ -18,11 +18,12 @@ ANALYSES: dict[str, str] = {
     "binding": "mesacli.probe.binding",
     "sensitivity": "mesacli.probe.sensitivity",
     "prop2": "mesacli.probe.solvers",
+    "prop2_authors": "mesacli.probe.prop2_authors",  # after prop2, whose record it reads
     "compress": "mesacli.probe.compress",
     "linearize": "mesacli.probe.linearize",
 }
 
-MODEL_FREE: tuple[str, ...] = ("prop2",)  # the solvers run on the task's data alone
+MODEL_FREE: tuple[str, ...] = ("prop2", "prop2_authors")  # the solvers run on the task's data alone
 
 
 def module(name: str) -> ModuleType:

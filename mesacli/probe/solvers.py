@@ -334,12 +334,17 @@ def loss_curve(preds: list[np.ndarray], batches: list[tasks.Batch]) -> np.ndarra
                     for p, b in zip(preds, batches, strict=True)], axis=0)
 
 
+def model_curve_name(spec: Spec) -> str:
+    """The model's curve name in the records ("model (7 layers)")."""
+    layers = spec.model.layers
+    return f"model ({layers} layer{'s' if layers > 1 else ''})"
+
+
 def _model_curve(ctx: RunContext) -> tuple[str, np.ndarray]:
     from mesacli.evaluate import make_evaluator
     from mesacli.sharding import make_mesh
 
-    layers = ctx.spec.model.layers
-    return f"model ({layers} layer{'s' if layers > 1 else ''})", make_evaluator(ctx.spec, make_mesh())(ctx.params)
+    return model_curve_name(ctx.spec), make_evaluator(ctx.spec, make_mesh())(ctx.params)
 
 
 def _settings(ctx: RunContext) -> tuple[int, int, float]:
@@ -374,6 +379,36 @@ def _curves_and_cosines(ctx, spec, batches, preds: dict, curves: dict, title: st
     return cosines
 
 
+def raw_predictions(batches: list[tasks.Batch], k: int, learned: tuple | None, lam: float, eta: float
+                    ) -> dict[str, list[np.ndarray]]:
+    """The fully observed task's solvers on s_t, by curve name: GD-1 with step ``eta``, k Neumann steps, k
+    Chebyshev steps with the ``learned`` (alphas, betas) (None: not learned), the paper's 6-step coefficients when
+    k = 6, and exact ridge LSQ over [C]'s pairs, all at ridge ``lam``."""
+    obs = [np.asarray(b.obs_BTS) for b in batches]
+    preds = {f"GD-1 (eta={eta:.4f}, line-searched)": [baselines.gd1_predictions(o, eta) for o in obs],
+             f"Neumann k={k} (alpha=1)": solver_predictions(batches, [1.0] * k, [0.0] * k, lam)}
+    if learned is not None:
+        preds[f"Chebyshev k={k} (learned alpha, beta)"] = solver_predictions(batches, *learned, lam)
+    if k == 6:
+        preds["Chebyshev k=6 (paper's alpha, beta)"] = solver_predictions(batches, *PAPER_CHEBYSHEV_LINEAR, lam)
+    preds[f"exact ridge LSQ (lam={lam:g})"] = [ridge_pair_predictions(o, lam) for o in obs]
+    return preds
+
+
+def variant_predictions(batches: list[tasks.Batch], task: TaskSpec, found: dict[str, dict]
+                        ) -> dict[str, list[np.ndarray]]:
+    """The partially observed / nonlinear task's baselines, by curve name: for each variant record of ``found``
+    (name -> its features, window, lambda, alpha, beta and curve names), the solver and exact ridge LSQ on its
+    features."""
+    preds = {}
+    for name, v in found.items():
+        variant = Variant(name, v["features"], v["window"], (v["lambda"],))
+        preds[v["curve"]] = solver_predictions(batches, v["alpha"], v["beta"], v["lambda"], task=task,
+                                               features=v["features"], window=v["window"])
+        preds[v["ridge_curve"]] = ridge_feature_predictions(batches, task, variant, v["lambda"])
+    return preds
+
+
 def _run_raw(ctx: RunContext) -> dict:
     """Fully observed linear tasks: GD-1, Neumann (alpha = 1) and learned Chebyshev solvers on s_t at
     lambda = 1e-3, exact ridge LSQ over the solvers' pairs."""
@@ -391,15 +426,8 @@ def _run_raw(ctx: RunContext) -> dict:
     else:  # k = 0: Inv_0(A) = I / ||A||_F has no coefficients (a GD step with a normalised learning rate)
         a_c, b_c, hist_c = [1.0] * k, [0.0] * k, []
     batches = test_batches(spec)
-    obs = [np.asarray(b.obs_BTS) for b in batches]
     eta = baselines.gd1_search_eta(spec)
-    preds = {f"GD-1 (eta={eta:.4f}, line-searched)": [baselines.gd1_predictions(o, eta) for o in obs],
-             f"Neumann k={k} (alpha=1)": solver_predictions(batches, [1.0] * k, [0.0] * k, lam)}
-    if hist_c:
-        preds[f"Chebyshev k={k} (learned alpha, beta)"] = solver_predictions(batches, a_c, b_c, lam)
-    if k == 6:
-        preds["Chebyshev k=6 (paper's alpha, beta)"] = solver_predictions(batches, *PAPER_CHEBYSHEV_LINEAR, lam)
-    preds[f"exact ridge LSQ (lam={lam:g})"] = [ridge_pair_predictions(o, lam) for o in obs]
+    preds = raw_predictions(batches, k, (a_c, b_c) if hist_c else None, lam, eta)
     cosines = _curves_and_cosines(ctx, spec, batches, preds, curves, f"Proposition-2 solvers (k={k} steps)")
     if hist_c:
         figures.steps_curves({"Chebyshev (learned alpha, beta)": tuple(map(np.array, zip(*hist_c, strict=True)))},
@@ -447,7 +475,7 @@ def _run_variants(ctx: RunContext, variants: list[Variant]) -> dict:
     batches = test_batches(spec)
     search = test_batches(spec, seed_offset=1)[:SEARCH_BATCHES]
     curves = dict([_model_curve(ctx)]) if ctx.params is not None else {}
-    preds, found, histories = {}, {}, {}
+    found, histories = {}, {}
     # As [C]: alpha/beta learned once, on the first baseline's informative features (concatenated observations /
     # MLP* features), and reused for the naive baseline on s_t.
     first = variants[0]
@@ -469,13 +497,11 @@ def _run_variants(ctx: RunContext, variants: list[Variant]) -> dict:
         lam, search_losses = line_search_lambda(search, task, v, alphas, betas)
         label = f"Prop-2 {v.name}: Chebyshev k={k} on {v.describe()} (lam={lam:g})"
         ridge_label = f"exact ridge LSQ, {v.name}: on {v.describe()} (lam={lam:g})"
-        preds[label] = solver_predictions(batches, alphas, betas, lam, task=task, features=v.features,
-                                          window=v.window)
-        preds[ridge_label] = ridge_feature_predictions(batches, task, v, lam)
         found[v.name] = {"features": v.features, "window": v.window, "lambda": lam, "lambda_grid": list(v.lambdas),
                          "lambda_search_loss": search_losses, "alpha": alphas, "beta": betas,
                          "coefficients": source, "coefficients_from": first.name, "curve": label,
                          "ridge_curve": ridge_label, "paper_t50": v.paper_t50}
+    preds = variant_predictions(batches, task, found)
     cosines = _curves_and_cosines(ctx, spec, batches, preds, curves, f"Proposition-2 baselines (k={k} steps)")
     if any(histories.values()):
         figures.steps_curves({name: tuple(map(np.array, zip(*h, strict=True))) for name, h in histories.items() if h},
@@ -507,10 +533,12 @@ def _run_variants(ctx: RunContext, variants: list[Variant]) -> dict:
         "coefficients": source,
         "notes": (f"alpha/beta learned on the {first.name} features with [C]'s recipe for {steps} steps (AdamW, lr "
                   f"warmup-cosine peak {lr:g}, batch 256) at lambda = {LAMBDA_TRAIN:g}" if source == "learned" else
-                  f"alpha/beta: {source} (no training steps)") + " and reused for every baseline "
-                 f"(as [C]); lambda line-searched with them on {n_search} sequences separate from the test batches "
-                 "(as [C]'s opt_lamb, on a log grid); [C]'s pairs (one fewer than L_t), also for the exact ridge "
-                 "LSQ; the target is s_{t+1} ([C]'s MLP* baseline regresses s_{t+1}/||s_{t+1}||).",
+                  f"alpha/beta: {source} (no training steps)") + " and reused for every baseline (as [C]); "
+                 + (f"lambda line-searched with them on {n_search} sequences separate from the test batches (as "
+                    "[C]'s opt_lamb, on a log grid)" if any(len(v.lambdas) > 1 for v in variants) else
+                    f"lambda = {LAMBDA_TRAIN:g}, as [C]'s stored curves (prop2_lambda_search: line-searched)")
+                 + "; [C]'s pairs (one fewer than L_t), also for the exact ridge LSQ; the target is s_{t+1} ([C]'s "
+                 "MLP* baseline regresses s_{t+1}/||s_{t+1}||).",
     }
 
 
@@ -542,8 +570,10 @@ def _variant_summary(r: dict) -> list[str]:
     source = r.get("coefficients", "learned")
     how = (f"learned once for {r['train_steps']} AdamW steps ([C]'s recipe) at lambda = {r['lambda_train']:g} "
            "(paper: 20k)" if source == "learned" else f"{source} (not learned here)")
-    lines = [f"k = {r['k']} Chebyshev steps; alpha/beta {how}, reused for every baseline; lambda line-searched on "
-             f"{r['lambda_search_sequences']} separate sequences; [C]'s pairs.", "",
+    searched = any(len(v["lambda_grid"]) > 1 for v in r["variants"].values())
+    lam = (f"lambda line-searched on {r['lambda_search_sequences']} separate sequences" if searched else
+           f"lambda = {r['lambda_train']:g} as [C]'s stored curves")
+    lines = [f"k = {r['k']} Chebyshev steps; alpha/beta {how}, reused for every baseline; {lam}; [C]'s pairs.", "",
              f"| baseline | features | lambda | loss t={last} | seq.-avg | exact ridge t={last} | paper t=50 |",
              "|---|---|---|---|---|---|---|"]
     for name, v in r["variants"].items():

@@ -10,6 +10,8 @@ A metric names one number (or one yes/no property) of the records that `mesacli 
     probe.linearize.layer<L>                                                     probe/linearize.json
     probe.prop2.<model|chebyshev|gd1|ridge>.<seq_avg|t<N>>                       probe/prop2.json
     solver.prop2.<concat|mlp|naive>.<seq_avg|t<N>>                                solver/prop2.json (no model)
+    probe.prop2_authors.<...>, solver.prop2_authors.<...>: as probe.prop2.<...>, solver.prop2.<...>, on the
+        authors' test sequences                                        probe/prop2_authors.json, solver/...
     probe.compress.<model|compressed>.seq_avg                                    probe/compress.json
     icl.<plain|eos|tuned|ar_lsq|lsq|gd1>.i<N>   icl.<plain|eos|tuned>.falls      icl_eval_*.json
     icl_continual.<plain|eos|tuned>.i<N>   icl_continual.<...>.rebounds        icl_eval_*_continual.json
@@ -244,10 +246,10 @@ _RULES: list[tuple[str, Callable[[re.Match], tuple[str, Callable[[Path], Reading
         "binding", lambda r: float(r["token_probe_mse"][r["t_prime"].index(int(m[1]))])))),
     (r"probe\.linearize\.layer(\d+)", lambda m: ("probe:linearize", _probe_reader(
         "linearize", lambda r: float(r["ratio"][int(m[1]) - 1]) if int(m[1]) >= 1 else None))),
-    (rf"probe\.prop2\.(model|chebyshev|gd1|ridge)\.{_POS}", lambda m: ("probe:prop2", _probe_reader(
-        "prop2", lambda r: _at(pick(r["per_position_loss"], PROP2_KEYS[m[1]]), m[2])))),
-    (rf"solver\.prop2\.(concat|mlp|naive)\.{_POS}", lambda m: ("solver:prop2", _probe_reader(
-        "prop2", lambda r: _at(variant_curve(r, m[1]), m[2]), SOLVER_DIR))),
+    (rf"probe\.(prop2|prop2_authors)\.(model|chebyshev|gd1|ridge)\.{_POS}", lambda m: (f"probe:{m[1]}", _probe_reader(
+        m[1], lambda r: _at(pick(r["per_position_loss"], PROP2_KEYS[m[2]]), m[3])))),
+    (rf"solver\.(prop2|prop2_authors)\.(concat|mlp|naive)\.{_POS}", lambda m: (f"solver:{m[1]}", _probe_reader(
+        m[1], lambda r: _at(variant_curve(r, m[2]), m[3]), SOLVER_DIR))),
     (r"probe\.compress\.(model|compressed)\.seq_avg", lambda m: ("probe:compress", _probe_reader(
         "compress", lambda r: _at(pick(r["per_position_loss"], COMPRESS_KEYS[m[1]]), "seq_avg")))),
     (r"icl\.(plain|eos|tuned|ar_lsq|lsq|gd1)\.(i\d+)", lambda m: ("icl", _icl_reader(m[1], m[2], False))),
@@ -257,6 +259,16 @@ _RULES: list[tuple[str, Callable[[re.Match], tuple[str, Callable[[Path], Reading
      lambda m: ("icl_continual", _icl_reader(m[1], "rebounds", True))),
 ]
 BOOLEAN_SUFFIXES = (".falls", ".rebounds")
+# a metric -> the same metric on the authors' test sequences (``tasks.authors_test_batches``), by name prefix
+AUTHORS_TWINS = {"eval.": "eval_authors.", "probe.prop2.": "probe.prop2_authors.",
+                 "solver.prop2.": "solver.prop2_authors."}
+
+
+def authors_twin(text: str) -> str | None:
+    """The name of metric ``text`` measured on the authors' test sequences (eval.t50 -> eval_authors.t50,
+    probe.prop2.chebyshev.t50 -> probe.prop2_authors.chebyshev.t50), or None where there is no such metric."""
+    return next((twin + text.removeprefix(prefix) for prefix, twin in AUTHORS_TWINS.items()
+                 if text.startswith(prefix)), None)
 
 
 def parse_metric(text: str, where: str = "") -> Metric:

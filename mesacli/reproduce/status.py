@@ -15,6 +15,7 @@ import dataclasses
 from pathlib import Path
 
 from mesacli.errors import MesaError
+from mesacli.probe import prop2_authors
 from mesacli.reproduce import metrics
 from mesacli.reproduce.ledger import EVAL_TEST_SETS, Entry, Ledger, needs_model
 from mesacli.rundir import PROBE_DIR, SOLVER_DIR
@@ -191,6 +192,9 @@ def analysis_current(analysis: str, plan, state: RunState) -> bool:
             return False
         if kind == "probe" and record.get("step") != total:
             return False
+        if arg == prop2_authors.ANALYSIS:  # current while the prop2 record whose solvers it evaluated is there
+            source = metrics.probe_record(run_dir, prop2_authors.SOURCE, PROBE_DIR if kind == "probe" else SOLVER_DIR)
+            return prop2_authors.reads_current(record, source)
         if arg in PROBE_SETTINGS:
             field, setting = PROBE_SETTINGS[arg]
             return record.get(field) == getattr(plan, setting)
@@ -261,12 +265,17 @@ def _entry_status(entry: Entry, ledger: Ledger, states: dict[str, RunState],
 
 
 def _on_authors_test_set(entry: Entry, ledger: Ledger, state: RunState) -> float | None:
-    """The entry's eval.<...> metric read from the run's eval_authors record (eval_authors.<...>), when its spec
-    runs that analysis and the record is of the run's final step."""
-    if not (entry.metric or "").startswith("eval.") or not ledger.specs[entry.spec].analysis_for("eval_authors"):
+    """The entry's metric on the authors' test sequences (``metrics.authors_twin``: eval.<...> read from the
+    eval_authors record, probe.prop2.<...> / solver.prop2.<...> from prop2_authors), when the entry's spec runs
+    the analysis that makes it and its record is current (of the run's final step; of the present prop2 record)."""
+    twin = metrics.authors_twin(entry.metric or "")
+    if twin is None:
         return None
-    reading = metrics.parse_metric("eval_authors." + entry.metric.removeprefix("eval.")).read(state.run_dir)
-    return reading.value if reading.step == state.total_steps else None
+    metric, plan = metrics.parse_metric(twin), ledger.specs[entry.spec]
+    produced_by = plan.analysis_for(metric.analysis)
+    if produced_by is None or not analysis_current(produced_by, plan, state):
+        return None
+    return metric.read(state.run_dir).value
 
 
 def ledger_status(ledger: Ledger, ids: list[str] | None = None, results_dir: Path = RESULTS_DIR,
