@@ -347,7 +347,6 @@ def run_bench(config: BenchConfig, progress: Optional[Callable[[str], None]] = N
     x64 = jax.enable_x64(True) if config.dtype == "float64" else contextlib.nullcontext()
     with x64:
         dtype = jnp.dtype(config.dtype)
-        device = jax.devices()[0]
         report = progress or (lambda message: None)
         rows = []
         for t in config.seq_lens:
@@ -355,8 +354,7 @@ def run_bench(config: BenchConfig, progress: Optional[Callable[[str], None]] = N
     return {
         "config": {**asdict(config), "seq_lens": list(config.seq_lens), "kernels": list(config.kernels),
                    "labels": {k: KERNELS[k].label for k in config.kernels},
-                   "device": str(device), "device_kind": device.device_kind, "jax": jax.__version__,
-                   "allocator": runtime.allocator()},
+                   **runtime.machine()},
         "rows": rows,
         "ratios": ratios(rows),
     }

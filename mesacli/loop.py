@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -274,12 +273,9 @@ def session_record(start: int, end: int, seconds: float, started: float, ended: 
     id (the line is rewritten under that id)."""
     if ended not in SESSION_ENDS:
         raise ValueError(f"ended must be one of {sorted(SESSION_ENDS)}, got {ended!r}")
-    devices = jax.devices()
     record = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "from_step": start, "to_step": end,
-              "seconds": round(seconds, 1), "interrupted": ended != "end", "ended": ended,
-              "platform": devices[0].platform, "device": devices[0].device_kind, "devices": len(devices),
-              "processes": jax.process_count(), "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "jax": jax.__version__, "moments_dtype": moments_dtype}
+              "seconds": round(seconds, 1), "interrupted": ended != "end", "ended": ended, **runtime.machine(),
+              "moments_dtype": moments_dtype}
     return record if session is None else {"session": session, **record}
 
 

@@ -52,6 +52,21 @@ def allocator() -> str:
     return _state["allocator"]
 
 
+def machine() -> dict:
+    """The machine a measurement or a training session ran on, under the same keys wherever one is recorded
+    (``loop.session_record``, ``bench``, ``bench-train``): platform, device (jax's name of device 0, e.g.
+    "TFRT_CPU_0"), device_kind (e.g. "cpu", "NVIDIA H100 80GB HBM3"), devices, processes, host (architecture and CPU
+    count), jax version and allocator."""
+    import platform
+
+    import jax
+
+    device = jax.devices()[0]
+    return {"platform": device.platform, "device": str(device), "device_kind": device.device_kind,
+            "devices": jax.device_count(), "processes": jax.process_count(),
+            "host": f"{platform.machine()}, {os.cpu_count()} CPUs", "jax": jax.__version__, "allocator": allocator()}
+
+
 def _libc():
     name = ctypes.util.find_library("c")
     if name is None:

@@ -215,19 +215,16 @@ def _environment() -> dict:
 
     from mesacli import runtime
 
-    device = jax.devices()[0]
     try:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = None
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device), "device_kind": device.device_kind, "platform": device.platform,
-        "devices": jax.device_count(), "cpu_count": os.cpu_count(), "cpu_affinity": affinity,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **runtime.machine(),
+        "cpu_count": os.cpu_count(), "cpu_affinity": affinity,
         "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "jax": jax.__version__, "jaxlib": jaxlib.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jaxlib": jaxlib.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
-        "allocator": runtime.allocator(),
     }
 
 

@@ -14,13 +14,13 @@ import yaml
 from conftest import TINY, merge
 from rich.console import Console
 
-from mesacli import render
+from mesacli import render, runtime
 from mesacli.errors import MesaError
 from mesacli.reproduce import metrics
 from mesacli.reproduce.ledger import load_ledger
 from mesacli.reproduce.report import write_report
 from mesacli.reproduce.run import parse_budget, reproduce_run, run_jobs, specs_with_work
-from mesacli.reproduce.status import ledger_status, run_provenance
+from mesacli.reproduce.status import ledger_status, machine_label, run_provenance
 from mesacli.rundir import read_sessions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,6 +266,7 @@ def test_budget_stops_like_sigterm_and_the_next_call_resumes_to_the_uninterrupte
         [(0, stopped_at, True), (stopped_at, steps, False)]
     provenance = run_provenance(results / "tiny")
     assert (provenance.sessions, provenance.recorded_steps, provenance.trained_steps) == (2, steps, steps)
+    assert provenance.machines == (machine_label(runtime.machine()),)  # both sessions on this machine
     resumed = json.loads((results / "tiny" / f"eval_step{steps}.json").read_text())
 
     straight = tmp_path / "straight"
@@ -581,3 +582,10 @@ def test_icl_figures_show_only_the_setting_their_checks_read():
     assert icl_settings(fig8a) == {"icl_softmax7_t224": {False}}
     assert icl_settings(fig8b) == {"icl_softmax7_t224": {True}}
     assert icl_settings(fig8a + fig8b) == {"icl_softmax7_t224": {False, True}}
+
+
+def test_machine_label_reads_session_lines_old_and_new():
+    assert machine_label({"platform": "cpu", "host": "x86_64, 2 CPUs"}) == "cpu (x86_64, 2 CPUs)"
+    new = {"platform": "gpu", "device": "cuda:0", "device_kind": "NVIDIA H100 80GB HBM3", "devices": 1}
+    old = {"platform": "gpu", "device": "NVIDIA H100 80GB HBM3", "devices": 1}  # before runtime.machine()
+    assert machine_label(new) == machine_label(old) == "gpu: NVIDIA H100 80GB HBM3 x1"

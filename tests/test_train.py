@@ -155,6 +155,7 @@ def test_training_resumes_from_a_compact_checkpoint_with_a_note(tmp_path):
     assert [(s["from_step"], s["to_step"], s["moments_dtype"]) for s in sessions] == \
         [(0, 3, "bfloat16"), (3, spec.train.steps, "bfloat16")]
     assert all(s["platform"] == jax.devices()[0].platform and s["devices"] == len(jax.devices())
+               and s["device_kind"] == jax.devices()[0].device_kind and s["device"] == str(jax.devices()[0])
                and s["seconds"] > 0 and not s["interrupted"] and s["ended"] == "end" and s["date"].endswith("Z")
                for s in sessions)
     assert len({s["session"] for s in sessions}) == 2  # each session rewrote its own line at every checkpoint

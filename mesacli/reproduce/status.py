@@ -158,7 +158,8 @@ class Provenance:
 def machine_label(session: dict) -> str:
     if session.get("platform") == "cpu":
         return f"cpu ({session.get('host', '?')})"
-    return f"{session.get('platform', '?')}: {session.get('device', '?')} x{session.get('devices', '?')}"
+    kind = session.get("device_kind", session.get("device", "?"))  # before runtime.machine: "device" was the kind
+    return f"{session.get('platform', '?')}: {kind} x{session.get('devices', '?')}"
 
 
 def run_provenance(run_dir: Path) -> Provenance:
