@@ -401,6 +401,27 @@ def test_prop2_authors_on_the_tiny_run_agrees_with_eval_on_the_authors_sequences
     assert not np.allclose(model, made["per_position_loss"]["model (1 layer)"])  # not our test batches
 
 
+def test_probes_authors_fits_the_same_probes_on_the_authors_batches(probed, tiny_run):
+    from mesacli.state import load_params
+
+    r, ours = probed.results["probes_authors"], probed.results["probes"]
+    assert r["data"] == {"authors_seeds": [1, 11], "sequences_per_seed": 64} and r["seeds"] == 2  # --seeds 2
+    assert (r["precond"], r["precond_coefficients"], r["layers"]) == (ours["precond"], ours["precond_coefficients"],
+                                                                      ours["layers"])
+    spec, params, _ = load_params(tiny_run)
+    errors = []
+    for seed in (1, 11):  # the probes fitted directly on the authors' batches of these seeds
+        batch = tasks.authors_test_batch(spec.task, seed, 64)
+        obs = np.asarray(batch.obs_BTS, np.float64)
+        residual = np.asarray(model.apply(params, batch.tokens_BTI, spec)[1]["residual_LBTE"], np.float64)
+        errors.append(linprobe.probe_errors(residual, obs, np.asarray(batch.targets_BTS, np.float64),
+                                            linprobe.preconditioned_inputs(obs, 1e-3, r["precond"], "constructed"))[0])
+    for i, name in enumerate(r["targets"]):
+        np.testing.assert_allclose(r["mse"][name], np.mean(errors, axis=0)[i], rtol=1e-6, atol=1e-9)
+    assert not np.allclose(r["mse"][r["targets"][0]], ours["mse"][ours["targets"][0]])  # not our probe batches
+    assert (tiny_run / "probe" / "probes_authors_depth.png").stat().st_size > 1000
+
+
 def test_compress_on_the_tiny_run(probed, tiny_run):
     from mesacli.state import load_params
 

@@ -276,6 +276,8 @@ def test_prop2_authors_runs_the_prop2_solvers_unchanged_on_the_authors_sequences
     record = json.loads((run / "solver" / "prop2_authors.json").read_text())
     source = json.loads((run / "solver" / "prop2.json").read_text())
     assert prop2_authors.reads_current(record, source)
+    source["variants"]["naive"]["lambda_search_loss"][0] *= 1 + 1e-7  # prop2 made again, the same solvers
+    assert prop2_authors.reads_current(record, source)
     source["variants"]["naive"]["lambda"] = 0.5  # prop2 made again, other solvers: this record is not current
     assert not prop2_authors.reads_current(record, source) and not prop2_authors.reads_current(record, None)
     assert "authors' seqs: Prop-2 concat" in prop2_authors.headline(record)

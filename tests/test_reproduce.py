@@ -136,6 +136,16 @@ def test_metrics_read_the_records_that_eval_probe_and_icl_eval_write(tmp_path):
     assert read("icl_continual.plain.rebounds") is True
     assert read("icl.tuned.i3") is None  # no tuned curve: not measured
     assert metrics.parse_metric("probe.prop2.chebyshev.t50").read(run) == metrics.MISSING
+    # the twins on the authors' data read their own records
+    assert read("probe_authors.target.layer0.t3") is None  # no probes_authors.json yet
+    probes = json.loads((run / "probe" / "probes.json").read_text())
+    halved = {name: [[x / 2 for x in row] for row in rows] for name, rows in probes["mse"].items()}
+    (run / "probe" / "probes_authors.json").write_text(json.dumps(probes | {"mse": halved}))
+    assert read("probe_authors.target.layer0.t3") == 1.5 and read("probe.target.layer0.t3") == 3
+    assert metrics.parse_metric("probe_authors.precond.layerlast.t1").analysis == "probe:probes_authors"
+    assert metrics.authors_twin("probe.precond.layer6.t20") == "probe_authors.precond.layer6.t20"
+    assert metrics.authors_twin("solver.prop2.naive.t50") == "solver.prop2_authors.naive.t50"
+    assert metrics.authors_twin("eval.gd1.t5") == "eval_authors.gd1.t5" and metrics.authors_twin("icl.eos.i3") is None
     exact = json.loads((run / "probe" / "probes.json").read_text()) | {"precond": "exact"}
     (run / "probe" / "probes.json").write_text(json.dumps(exact))
     assert read("probe.precond.layer1.t1") is None  # the exact solve is not the paper's target: not measured

@@ -10,10 +10,12 @@ preconditioned input itself.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import jax
 import numpy as np
 
-from mesacli import model
+from mesacli import model, tasks
 from mesacli.errors import MesaError
 from mesacli.probe.common import (
     LSTSQ_CUTOFF,
@@ -84,6 +86,14 @@ def probe_errors(residual_LBTE: np.ndarray, obs_BTS: np.ndarray, targets_BTS: np
 
 
 def run(ctx: RunContext) -> dict:
+    """The probes on ``ctx.seeds`` batches of ``ctx.batch_size`` sequences, data seed k from ``probe_batch``."""
+    batches = (probe_batch(ctx.spec, seed, ctx.batch_size) for seed in range(ctx.seeds))
+    return probe_record(ctx, batches, ctx.seeds, "probes")
+
+
+def probe_record(ctx: RunContext, batches: Iterable[tasks.Batch], seeds: int, analysis: str) -> dict:
+    """The record of the probes fitted on each of ``seeds`` ``batches`` (drawn one at a time), averaged over them;
+    figures <analysis>_depth.png and <analysis>_next_by_position.png."""
     from mesacli.probe import figures
 
     spec, params = ctx.spec, ctx.params
@@ -95,9 +105,8 @@ def run(ctx: RunContext) -> dict:
         raise MesaError("--precond chebyshev uses the paper's coefficients for fully observed linear tasks only")
     residuals = jax.jit(lambda p, x: model.apply(p, x, spec)[1]["residual_LBTE"])
     all_errors, all_control = [], []
-    for seed in range(ctx.seeds):
-        ctx.say(f"probes: data seed {seed + 1}/{ctx.seeds}")
-        batch = probe_batch(spec, seed, ctx.batch_size)
+    for seed, batch in enumerate(batches):
+        ctx.say(f"{analysis}: data seed {seed + 1}/{seeds}")
         obs, tgt = np.asarray(batch.obs_BTS, np.float64), np.asarray(batch.targets_BTS, np.float64)
         res = np.asarray(residuals(params, batch.tokens_BTI), np.float64)
         errors, control = probe_errors(res, obs, tgt,
@@ -111,19 +120,19 @@ def run(ctx: RunContext) -> dict:
     positions = probe_positions(spec.task.seq_len)
     series = {name: {t: errors[i, :, t - 1] for t in positions} for i, name in enumerate(TARGETS)}
     series["control (s_{t+1} on precond)"] = {t: np.full(len(layers), control[t - 1]) for t in positions}
-    figures.depth_curves(layers, series, ctx.out_dir / "probes_depth.png",
-                         f"{spec.name}: linear probes across depth ({ctx.seeds} data seeds, precond {method})")
+    figures.depth_curves(layers, series, ctx.out_dir / f"{analysis}_depth.png",
+                         f"{spec.name}: linear probes across depth ({seeds} data seeds, precond {method})")
     figures.position_curves({f"{TARGETS[0]}, layer {int(layer)}": errors[0, layer] for layer in layers},
-                            ctx.out_dir / "probes_next_by_position.png",
+                            ctx.out_dir / f"{analysis}_next_by_position.png",
                             f"{spec.name}: target probe s_{{t+1}} per layer", "probe MSE")
     at = {str(t): {name: errors[i, :, t - 1].tolist() for i, name in enumerate(TARGETS)} | {
         "control": float(control[t - 1])} for t in positions}
     t20 = 20 if spec.task.seq_len >= 20 else positions[-1]
     return {
-        "analysis": "probes",
+        "analysis": analysis,
         "step": ctx.step,
         "lstsq_cutoff": LSTSQ_CUTOFF,
-        "seeds": ctx.seeds,
+        "seeds": seeds,
         "batch_size": ctx.batch_size,
         "precond": method,
         # the Chebyshev coefficient set of the target (None: exact solve); records without it used the raw-token
@@ -164,7 +173,8 @@ def summary(r: dict) -> list[str]:
     falls = all(b <= a * 1.02 for a, b in zip(nxt, nxt[1:], strict=False))
     lines += ["", f"Target-probe error {'falls monotonically' if falls else 'does not fall monotonically'} with "
                   f"depth at t = {t} ({fmt(nxt[0], 3)} -> {fmt(nxt[-1], 3)}).",
-              f"Paper: {r['paper']['claim']}.", "", "Figures: probes_depth.png, probes_next_by_position.png."]
+              f"Paper: {r['paper']['claim']}.", "",
+              f"Figures: {r['analysis']}_depth.png, {r['analysis']}_next_by_position.png."]
     return lines
 
 

@@ -22,7 +22,8 @@ TITLE = "Proposition 2 on the authors' test sequences"
 DESCRIPTION = "the prop2 solvers (learned coefficients reused) and the model on the paper's own test batches"
 ANALYSIS = "prop2_authors"
 SOURCE = "prop2"  # the record whose solvers this analysis evaluates
-SOURCE_KEYS = ("step", "k", "learned", "lambda", "gd1_eta", "variants")  # what makes the solvers of a prop2 record
+SOURCE_KEYS = ("step", "k", "learned", "lambda", "gd1_eta")  # what makes the solvers of a prop2 record,
+VARIANT_KEYS = ("features", "window", "lambda", "alpha", "beta", "curve", "ridge_curve")  # and of each baseline
 
 
 def check_applicable(spec: Spec) -> None:
@@ -33,8 +34,13 @@ def check_applicable(spec: Spec) -> None:
 
 
 def solvers_of(prop2_record: dict) -> dict:
-    """The part of a prop2 record that defines its solvers (kept in this analysis's record as ``prop2``)."""
-    return {key: prop2_record.get(key) for key in SOURCE_KEYS}
+    """The part of a prop2 record that defines its solvers (kept in this analysis's record as ``prop2``): not the
+    losses it measured, which a rerun reproduces only to round-off."""
+    solvers = {key: prop2_record.get(key) for key in SOURCE_KEYS}
+    if prop2_record.get("variants"):
+        solvers["variants"] = {name: {key: v.get(key) for key in VARIANT_KEYS}
+                               for name, v in prop2_record["variants"].items()}
+    return solvers
 
 
 def reads_current(record: dict, prop2_record: dict | None) -> bool:

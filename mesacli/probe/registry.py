@@ -15,6 +15,7 @@ from types import ModuleType
 ANALYSES: dict[str, str] = {
     "prop1": "mesacli.probe.prop1",
     "probes": "mesacli.probe.linprobe",
+    "probes_authors": "mesacli.probe.probes_authors",
     "binding": "mesacli.probe.binding",
     "sensitivity": "mesacli.probe.sensitivity",
     "prop2": "mesacli.probe.solvers",

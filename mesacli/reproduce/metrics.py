@@ -6,6 +6,7 @@ A metric names one number (or one yes/no property) of the records that `mesacli 
     eval.seq_avg  eval.t<N>  eval.<gd1|ridge>.<seq_avg|t<N>>                     eval_step<S>.json (latest S)
     eval_authors.<...>: as eval.<...>, on the authors' test sequences            eval_authors_step<S>.json
     probe.<target|precond|current>.layer<L|last>.t<N>   probe.target.t<N>.falls   probe/probes.json
+    probe_authors.<as probe.<target|precond|current>...>: on the authors' data      probe/probes_authors.json
     probe.token.t<N>                                                             probe/binding.json
     probe.linearize.layer<L>                                                     probe/linearize.json
     probe.prop2.<model|chebyshev|gd1|ridge>.<seq_avg|t<N>>                       probe/prop2.json
@@ -127,6 +128,7 @@ def _eval_reader(baseline: str | None, position: str, test_set: str = "ours") ->
 # ----------------------------------------------------------------------------- probe records
 
 PROBE_TARGETS = {"target": "next", "precond": "precond", "current": "current"}
+PROBES_RECORDS = {"probe": "probes", "probe_authors": "probes_authors"}  # metric prefix -> the linear probes' record
 PROP2_KEYS = {"model": "model", "chebyshev": "Chebyshev", "gd1": "GD-1", "ridge": "exact ridge"}
 COMPRESS_KEYS = {"model": "model", "compressed": "compressed"}
 
@@ -156,11 +158,12 @@ def probe_record_current(name: str, record: dict) -> bool:
     (``--precond auto`` on the ledger's tasks, not the exact solve) with the coefficients [C] learned for the
     task's token format (``precond_coefficients``; before, the raw-token set on every task), and a PE layer
     linearised with its positional encodings.  Older records are made again."""
-    if name in ("probes", "binding") and record.get("lstsq_cutoff") != LSTSQ_CUTOFF:
+    if name in ("probes", "probes_authors", "binding") and record.get("lstsq_cutoff") != LSTSQ_CUTOFF:
         return False
     if name == "linearize" and record.get("pe_layer_replacement") != "linear_pe":
         return False  # before, a PE layer's replacement lost its positional encodings
-    return name != "probes" or (record.get("precond") == "chebyshev" and bool(record.get("precond_coefficients")))
+    return name not in ("probes", "probes_authors") or (record.get("precond") == "chebyshev"
+                                                        and bool(record.get("precond_coefficients")))
 
 
 def variant_curve(record: dict, variant: str) -> list[float]:
@@ -238,10 +241,11 @@ _RULES: list[tuple[str, Callable[[re.Match], tuple[str, Callable[[Path], Reading
     (r"eval\.(seq_avg|t\d+)", lambda m: ("eval", _eval_reader(None, m[1]))),
     (rf"eval\.(gd1|ridge)\.{_POS}", lambda m: ("eval", _eval_reader(m[1], m[2]))),
     (rf"eval_authors\.(?:(gd1|ridge)\.)?{_POS}", lambda m: ("eval_authors", _eval_reader(m[1], m[2], "authors"))),
-    (r"probe\.(target|precond|current)\.layer(\d+|last)\.t(\d+)", lambda m: ("probe:probes", _probe_reader(
-        "probes", lambda r: _layers_at(r, m[1], int(m[3]))[-1 if m[2] == "last" else int(m[2])]))),
-    (r"probe\.target\.t(\d+)\.falls", lambda m: ("probe:probes", _probe_reader(
-        "probes", lambda r: _strictly_falling(_layers_at(r, "target", int(m[1])))))),
+    (r"(probe|probe_authors)\.(target|precond|current)\.layer(\d+|last)\.t(\d+)", lambda m: (
+        f"probe:{PROBES_RECORDS[m[1]]}", _probe_reader(
+            PROBES_RECORDS[m[1]], lambda r: _layers_at(r, m[2], int(m[4]))[-1 if m[3] == "last" else int(m[3])]))),
+    (r"(probe|probe_authors)\.target\.t(\d+)\.falls", lambda m: (f"probe:{PROBES_RECORDS[m[1]]}", _probe_reader(
+        PROBES_RECORDS[m[1]], lambda r: _strictly_falling(_layers_at(r, "target", int(m[2])))))),
     (r"probe\.token\.t(\d+)", lambda m: ("probe:binding", _probe_reader(
         "binding", lambda r: float(r["token_probe_mse"][r["t_prime"].index(int(m[1]))])))),
     (r"probe\.linearize\.layer(\d+)", lambda m: ("probe:linearize", _probe_reader(
@@ -261,7 +265,8 @@ _RULES: list[tuple[str, Callable[[re.Match], tuple[str, Callable[[Path], Reading
 BOOLEAN_SUFFIXES = (".falls", ".rebounds")
 # a metric -> the same metric on the authors' test sequences (``tasks.authors_test_batches``), by name prefix
 AUTHORS_TWINS = {"eval.": "eval_authors.", "probe.prop2.": "probe.prop2_authors.",
-                 "solver.prop2.": "solver.prop2_authors."}
+                 "solver.prop2.": "solver.prop2_authors.", "probe.target.": "probe_authors.target.",
+                 "probe.precond.": "probe_authors.precond.", "probe.current.": "probe_authors.current."}
 
 
 def authors_twin(text: str) -> str | None:

@@ -212,8 +212,8 @@ def write_report(statuses: list[EntryStatus], results_dir: Path = RESULTS_DIR, *
             notes.append("- *ours, authors' test seqs*: the same metric on the test sequences behind the paper's "
                          "curves (the authors' generator, seeds and batch size: `mesacli eval RUN --test-set "
                          "authors` for a model, `mesacli probe RUN --analysis prop2_authors` for the Prop-2 solvers, "
-                         "their coefficients as learned on ours); ratio and verdict are on the spec's own test "
-                         "batches")
+                         "their coefficients as learned on ours, `--analysis probes_authors` for the linear probes); "
+                         "ratio and verdict are on the spec's own test batches")
         if notes:
             lines += [""] + notes
         for kind, make in (("position", _position_figure), ("layers", _layer_figure), ("icl", _icl_figure)):
