@@ -6,7 +6,7 @@ The paper's Prop-2 curves (Fig. 6C, 7A/B/C) were measured on the authors' own te
 (its k, learned alpha/beta, lambda, GD-1 step and, on the partially observed / nonlinear tasks, each baseline's
 features and line-searched lambda) from RUN_DIR/probe/prop2.json (solver/prop2.json without a model), learns
 nothing, and evaluates them, the model too when there is one, on those batches: the curves are named as in the
-``prop2`` record, so the ledger reads both records alike.  It runs in seconds where ``prop2`` itself costs up to
+``prop2`` record, so the ledger reads both records alike.  It takes 20-90 s here where ``prop2`` itself costs up to
 25 CPU minutes (80k AdamW steps for the 2-step solver), and is current while the ``prop2`` record it read is.
 """
 
