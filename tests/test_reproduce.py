@@ -341,6 +341,12 @@ def test_status_and_report_show_a_miss_as_a_miss(tmp_path):
     assert ok.ours_authors == pytest.approx(theirs["seq_avg_loss"]) and ok.ours == pytest.approx(ours_seq)
     assert miss.ours_authors == pytest.approx(theirs["per_position_loss"][7]) and miss.within is False
     assert by_id["tiny-claim"].ours_authors is None and ok.to_json()["ours_authors"] == ok.ours_authors
+    assert miss.within_on_authors is False and by_id["tiny-claim"].within_on_authors is None
+    drawn = dataclasses.replace(miss, ours_authors=miss.paper * 1.05)  # a miss on ours, within on theirs
+    assert drawn.within_on_authors is True and drawn.to_json()["within_on_authors"] is True
+    text = write_report([ok, drawn], results).read_text()
+    assert "Of these, within tolerance on the authors' own test data" in text.split("`tiny-t8-miss`")[1]
+    assert "Of these" not in write_report([ok, miss], results).read_text()
     report = write_report(list(by_id.values()), results).read_text()
     row = next(line for line in report.splitlines() if line.startswith("| `tiny-seqavg` |"))
     assert f"| {metrics.fmt_value(ok.ours_authors)} |" in row and "| within |" in row

@@ -73,9 +73,17 @@ class EntryStatus:
     ours_per_seed: tuple[float | None, ...] | None = None  # a run of several seeds: ``ours`` of each (its mean)
     # the recorded training sessions of each run the entry reads the model of (``run_provenance``)
     provenance: dict[str, Provenance] = dataclasses.field(default_factory=dict)
-    # an eval.* entry whose spec also runs eval_authors: its metric on the authors' test sequences (None until that
-    # record exists for the run's final step); the verdict stays on the spec's own test batches
+    # an entry whose metric has a twin on the authors' test data (``metrics.authors_twin``: eval_authors,
+    # prop2_authors, probes_authors) that its spec runs: that value (None until its record is current); the verdict
+    # stays on the spec's own test batches
     ours_authors: float | None = None
+
+    @property
+    def within_on_authors(self) -> bool | None:
+        """Whether ``ours_authors`` is within the entry's tolerance of the paper (None without either)."""
+        if self.ours_authors is None or not self.paper:
+            return None
+        return bool(abs(self.ours_authors / self.paper - 1.0) <= self.entry.tolerance)
 
     @property
     def trained_on(self) -> dict[str, tuple[str, ...]]:
@@ -101,7 +109,7 @@ class EntryStatus:
         return {"id": e.id, "figure": e.figure, "spec": e.spec, "seeds": e.seeds, "metric": e.metric,
                 "claim": e.claim, "checks": list(e.checks), "paper": self.paper, "ours": self.ours,
                 "ours_step": self.ours_step, "ours_per_seed": self.ours_per_seed, "ours_authors": self.ours_authors,
-                "ratio": self.ratio,
+                "within_on_authors": self.within_on_authors, "ratio": self.ratio,
                 "tolerance": e.tolerance, "within": self.within, "state": self.state,
                 "cpu_left_s": round(self.cpu_left_s, 1), "source": e.source, "note": e.note, "values": self.values,
                 "trained_on": {name: list(machines) for name, machines in self.trained_on.items()}}
