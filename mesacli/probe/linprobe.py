@@ -10,7 +10,7 @@ preconditioned input itself.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -87,13 +87,12 @@ def probe_errors(residual_LBTE: np.ndarray, obs_BTS: np.ndarray, targets_BTS: np
 
 def run(ctx: RunContext) -> dict:
     """The probes on ``ctx.seeds`` batches of ``ctx.batch_size`` sequences, data seed k from ``probe_batch``."""
-    batches = (probe_batch(ctx.spec, seed, ctx.batch_size) for seed in range(ctx.seeds))
-    return probe_record(ctx, batches, ctx.seeds, "probes")
+    return fit_probes(ctx, [probe_batch(ctx.spec, seed, ctx.batch_size) for seed in range(ctx.seeds)], "probes")
 
 
-def probe_record(ctx: RunContext, batches: Iterable[tasks.Batch], seeds: int, analysis: str) -> dict:
-    """The record of the probes fitted on each of ``seeds`` ``batches`` (drawn one at a time), averaged over them;
-    figures <analysis>_depth.png and <analysis>_next_by_position.png."""
+def fit_probes(ctx: RunContext, batches: Sequence[tasks.Batch], analysis: str) -> dict:
+    """The record of ``analysis``: the probes fitted on each of ``batches`` (one data seed each), averaged over
+    them; figures <analysis>_depth.png and <analysis>_next_by_position.png."""
     from mesacli.probe import figures
 
     spec, params = ctx.spec, ctx.params
@@ -103,6 +102,7 @@ def probe_record(ctx: RunContext, batches: Iterable[tasks.Batch], seeds: int, an
         method = "exact" if spec.task.kind in ("partial", "nonlinear") else "chebyshev"
     if method == "chebyshev" and spec.task.kind in ("partial", "nonlinear"):
         raise MesaError("--precond chebyshev uses the paper's coefficients for fully observed linear tasks only")
+    seeds = len(batches)
     residuals = jax.jit(lambda p, x: model.apply(p, x, spec)[1]["residual_LBTE"])
     all_errors, all_control = [], []
     for seed, batch in enumerate(batches):

@@ -30,8 +30,8 @@ def run(ctx: RunContext) -> dict:
     from mesacli import tasks
 
     seeds = tasks.AUTHORS_TEST_SEEDS[:ctx.seeds]  # the authors' data has 5 batches: --seeds above 5 uses 5
-    batches = (tasks.authors_test_batch(ctx.spec.task, seed, ctx.batch_size) for seed in seeds)
-    record = linprobe.probe_record(ctx, batches, len(seeds), ANALYSIS)
+    record = linprobe.fit_probes(ctx, [tasks.authors_test_batch(ctx.spec.task, seed, ctx.batch_size)
+                                       for seed in seeds], ANALYSIS)
     record["data"] = {"authors_seeds": list(seeds), "sequences_per_seed": ctx.batch_size}
     record["notes"] += " Data: the authors' batches (tasks.authors_test_batch) of the listed seeds."
     return record
