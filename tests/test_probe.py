@@ -264,7 +264,7 @@ def test_probe_writes_every_analysis(probed, tiny_run):
         assert (out / f"{name}.json").exists()
     for png in ("prop1_loss.png", "prop1_cosine.png", "prop1_weights.png", "probes_depth.png",
                 "binding_token_probe.png", "binding_attention.png", "sensitivity.png", "prop2_loss.png",
-                "compress_loss.png", "compress_interpolation.png", "linearize_distillation.png"):
+                "prop2_best_loss.png", "compress_loss.png", "compress_interpolation.png", "linearize_distillation.png"):
         assert (out / png).stat().st_size > 1000, png
     text = (out / "summary.md").read_text()
     assert "Proposition 1" in text and "0.032" in text and "Linear probes" in text

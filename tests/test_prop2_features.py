@@ -328,5 +328,6 @@ def test_the_ledger_produces_model_free_entries_without_training(tmp_path):
     assert [s.what for s in again.stages] == ["train", "eval"]  # the solver record is current: not made again
     bad = LEDGER.replace('"solver:prop2"', '"solver:binding"')
     (tmp_path / "bad.yaml").write_text(bad)
-    with pytest.raises(MesaError, match="solver:binding: only prop2, prop2_authors run without a trained model"):
+    with pytest.raises(MesaError,
+                       match="solver:binding: only prop2, prop2_authors, prop2_best run without a trained model"):
         load_ledger(tmp_path / "bad.yaml", experiments)

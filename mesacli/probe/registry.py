@@ -20,11 +20,12 @@ ANALYSES: dict[str, str] = {
     "sensitivity": "mesacli.probe.sensitivity",
     "prop2": "mesacli.probe.solvers",
     "prop2_authors": "mesacli.probe.prop2_authors",  # after prop2, whose record it reads
+    "prop2_best": "mesacli.probe.prop2_best",  # after prop2, whose learned solver it sets beside its floor
     "compress": "mesacli.probe.compress",
     "linearize": "mesacli.probe.linearize",
 }
 
-MODEL_FREE: tuple[str, ...] = ("prop2", "prop2_authors")  # the solvers run on the task's data alone
+MODEL_FREE: tuple[str, ...] = ("prop2", "prop2_authors", "prop2_best")  # the solvers run on the task's data alone
 
 
 def module(name: str) -> ModuleType:

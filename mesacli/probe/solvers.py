@@ -185,32 +185,100 @@ def chebyshev_preconditioned(obs_BTS: np.ndarray, lam: float, alphas, betas) -> 
     return chebyshev_apply(a, np.asarray(obs_BTS, np.float64), alphas, betas, xp=np)
 
 
+def _pair_system(phi_BTF, lam: float, current_pair: bool, xp):
+    """The solvers' regression at every position t: the inputs x_{t'} = phi_{t'-1} (phi_0 = 0), the causal mask
+    [t, t'] of the pairs of position t ([C]'s t' <= t - 1; t' <= t with ``current_pair``), u_t -> A_t u_t and
+    ||A_t||_F [B, T, 1] for A_t = X X^T + lam I over those pairs, without the [T, F, F] Gram stack:
+    A_t u = sum_{t'} x_{t'} (x_{t'} . u) + lam u is a causally masked product with X (as linear attention), and
+    ||A_t||_F^2 = sum_{t1, t2} (x_{t1} . x_{t2})^2 + 2 lam sum_{t'} ||x_{t'}||^2 + lam^2 F (sums over the pairs of
+    position t).  ``xp`` is jax.numpy (float32, differentiable) or numpy (float64)."""
+    x = xp.pad(phi_BTF, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+    t = phi_BTF.shape[1]
+    causal = xp.tril(xp.ones((t, t), phi_BTF.dtype), 0 if current_pair else -1)
+
+    def matvec(u_BTF):  # A_t u_t at every position t
+        return xp.einsum("bts,bsf->btf", xp.einsum("btf,bsf->bts", u_BTF, x) * causal, x) + lam * u_BTF
+
+    def upto(v_BT):  # sums over the pairs of position t of per-pair terms
+        total = xp.cumsum(v_BT, axis=1)
+        return total if current_pair else xp.pad(total, ((0, 0), (1, 0)))[:, :-1]
+
+    gram = xp.einsum("btf,bsf->bts", x, x)
+    diag = xp.diagonal(gram, axis1=1, axis2=2)
+    new_sq = 2 * xp.sum(xp.tril(gram**2, -1), axis=-1) + diag**2  # the terms that pair t' adds
+    norm_sq = upto(new_sq) + 2 * lam * upto(diag) + lam**2 * phi_BTF.shape[-1]
+    return x, causal, matvec, xp.sqrt(norm_sq)[..., None]
+
+
+def _read_out(z_BTF, x_BTF, causal, obs_BTS, xp):
+    """Y X^T z_t at every position: sum over the pairs (x_{t'}, s_{t'}) of position t of s_{t'} (x_{t'} . z_t)."""
+    return xp.einsum("bts,bsi->bti", xp.einsum("btf,bsf->bts", z_BTF, x_BTF) * causal, obs_BTS)
+
+
 def prop2_predictions(obs_BTS: jax.Array, alphas, betas, lam: float = LAMBDA_TRAIN,
                       features_BTF: jax.Array | None = None, current_pair: bool = False) -> jax.Array:
     """s^_{t+1} = Y X^T Inv_k(X X^T + lam I) phi_t with pairs (phi_{t'-1}, s_{t'}), t' <= t - 1 ([C]; t' <= t with
-    ``current_pair``), phi_0 = 0 (float32, differentiable in alpha/beta); phi = ``features_BTF`` (default: s_t).
-
-    Computed without the [T, F, F] Gram stack: A_t u = sum_{t'} x_{t'} (x_{t'} . u) + lam u is a causally
-    masked product with X (as linear attention), and ||A_t||_F^2 = sum_{t1, t2} (x_{t1} . x_{t2})^2
-    + 2 lam sum_{t'} ||x_{t'}||^2 + lam^2 F (sums over the pairs of position t)."""
+    ``current_pair``), phi_0 = 0 (float32, differentiable in alpha/beta); phi = ``features_BTF`` (default: s_t)."""
     phi = obs_BTS if features_BTF is None else features_BTF
-    x = jnp.pad(phi, ((0, 0), (1, 0), (0, 0)))[:, :-1]  # x_{t'} = phi_{t'-1}
-    t = phi.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), phi.dtype), 0 if current_pair else -1)  # [t, t']: the pairs of position t
+    x, causal, matvec, norm = _pair_system(phi, lam, current_pair, jnp)
+    return _read_out(chebyshev_solve(matvec, norm, phi, alphas, betas), x, causal, obs_BTS, jnp)
 
-    def matvec(u_BTF):  # A_t u_t at every position t
-        return jnp.einsum("bts,bsf->btf", jnp.einsum("btf,bsf->bts", u_BTF, x) * causal, x) + lam * u_BTF
 
-    def upto(v_BT):  # sums over the pairs of position t of per-pair terms
-        total = jnp.cumsum(v_BT, axis=1)
-        return total if current_pair else jnp.pad(total, ((0, 0), (1, 0)))[:, :-1]
+# ----------------------------------------------------------------------------- the best k-step solver
+#
+# Every Inv_k above is p(A') / ||A||_F with p a polynomial of degree <= k in A' = A / ||A||_F (alpha/beta only pick
+# which one), and the predictions are linear in p.  So the next-token loss (paper Eq. 1) is a convex quadratic in
+# p's coefficients: the degree-k polynomial of least loss has a closed form (least squares over k + 1 numbers), and
+# no k-step Chebyshev or Neumann solver with the same pairs and lambda does better on the data it is fitted on.
+# Basis: the shifted Chebyshev polynomials P_j(u) = T_j(2u - 1), well conditioned on the spectrum (0, 1] of A'.
 
-    gram = jnp.einsum("btf,bsf->bts", x, x)
-    diag = jnp.diagonal(gram, axis1=1, axis2=2)
-    new_sq = 2 * jnp.sum(jnp.tril(gram**2, -1), axis=-1) + diag**2  # the terms that pair t' adds
-    norm_sq = upto(new_sq) + 2 * lam * upto(diag) + lam**2 * phi.shape[-1]
-    z = chebyshev_solve(matvec, jnp.sqrt(norm_sq)[..., None], phi, alphas, betas)
-    return jnp.einsum("bts,bsi->bti", jnp.einsum("btf,bsf->bts", z, x) * causal, obs_BTS)
+def polynomial_basis_predictions(obs_BTS, k: int, lam: float = LAMBDA_TRAIN, features_BTF=None,
+                                 current_pair: bool = False) -> np.ndarray:
+    """[B, T, n_s, k + 1] (float64): Y X^T P_j(A'_t) phi_t / ||A_t||_F for j = 0 .. k, over prop2_predictions'
+    pairs.  The solver p = sum_j c_j P_j predicts this array times c."""
+    obs = np.asarray(obs_BTS, np.float64)
+    phi = obs if features_BTF is None else np.asarray(features_BTF, np.float64)
+    x, causal, matvec, norm = _pair_system(phi, lam, current_pair, np)
+
+    def shifted(u):  # (2 A' - I) u
+        return 2 * matvec(u) / norm - u
+
+    z = [phi, shifted(phi)][:k + 1]  # P_0 phi, P_1 phi, then P_{j+1} = 2 (2A' - I) P_j - P_{j-1}
+    while len(z) < k + 1:
+        z.append(2 * shifted(z[-1]) - z[-2])
+    return np.stack([_read_out(z_j / norm, x, causal, obs, np) for z_j in z], axis=-1)
+
+
+def fit_best_polynomial(batches: list[tasks.Batch], k: int, lam: float = LAMBDA_TRAIN) -> tuple[np.ndarray, float]:
+    """The coefficients c (in the P_j basis) of the degree-k solver of least next-token loss on ``batches`` (the
+    normal equations, float64), and that loss."""
+    gram, rhs, sq, rows = np.zeros((k + 1, k + 1)), np.zeros(k + 1), 0.0, 0
+    for batch in batches:
+        basis = polynomial_basis_predictions(batch.obs_BTS, k, lam)
+        y = np.asarray(batch.targets_BTS, np.float64)
+        gram += np.einsum("btsi,btsj->ij", basis, basis)
+        rhs += np.einsum("btsi,bts->i", basis, y)
+        sq, rows = sq + float(np.sum(y**2)), rows + y.shape[0] * y.shape[1]
+    coefficients = np.linalg.solve(gram, rhs)
+    return coefficients, 0.5 * (sq - float(rhs @ coefficients)) / rows  # Eq. 1 at the optimum
+
+
+def chebyshev_polynomial(alphas: Sequence[float], betas: Sequence[float]) -> np.ndarray:
+    """The coefficients in the P_j basis of the polynomial p with Inv_k(A) = p(A') / ||A||_F (``chebyshev_inverse``
+    with these alpha/beta), length k + 1."""
+    from numpy.polynomial import Polynomial, chebyshev
+
+    one, u = Polynomial([1.0]), Polynomial([0.0, 1.0])
+    x = x_prev = term = one
+    for alpha, beta in zip(alphas, betas, strict=True):
+        term = term * (one - alpha * u)
+        x, x_prev = x + term + beta * (x - x_prev), x
+    in_w = x(Polynomial([0.5, 0.5]))  # p(u) as a polynomial in w = 2u - 1
+    coefficients = np.zeros(len(alphas) + 1)
+    found = chebyshev.poly2cheb(in_w.coef)
+    coefficients[:len(found)] = found
+    return coefficients
+
 
 # [C]'s recipe for alpha/beta (learn_parameters_chebyshev with src/optim.py's default Optimizer()): AdamW
 # (weight decay 0.05) after elementwise clipping at 1, lr warmup-cosine 0 -> 3e-4 in 500 steps -> 1e-5 at
@@ -347,10 +415,16 @@ def _model_curve(ctx: RunContext) -> tuple[str, np.ndarray]:
     return model_curve_name(ctx.spec), make_evaluator(ctx.spec, make_mesh())(ctx.params)
 
 
-def _settings(ctx: RunContext) -> tuple[int, int, float]:
+def solver_steps(ctx: RunContext) -> int:
+    """k: the option prop2_k, by default one step fewer than the model has layers."""
     k = int(ctx.options.get("prop2_k", ctx.spec.model.layers - 1))
     if k < 0:
         raise MesaError(f"prop2: the number of solver steps k must be >= 0, got {k}")
+    return k
+
+
+def _settings(ctx: RunContext) -> tuple[int, int, float]:
+    k = solver_steps(ctx)
     return (k, int(ctx.options.get("prop2_train_steps", paper_train_steps(k))),
             float(ctx.options.get("prop2_lr", PAPER_LR)))
 

@@ -13,6 +13,8 @@ A metric names one number (or one yes/no property) of the records that `mesacli 
     solver.prop2.<concat|mlp|naive>.<seq_avg|t<N>>                                solver/prop2.json (no model)
     probe.prop2_authors.<...>, solver.prop2_authors.<...>: as probe.prop2.<...>, solver.prop2.<...>, on the
         authors' test sequences                                        probe/prop2_authors.json, solver/...
+    probe.prop2_best.<seq_avg|t<N>>: the best k-step solver in closed form  probe/prop2_best.json
+    probe.prop2_best_authors.<...>: the same, on the authors' test sequences   (solver.<...>: solver/...)
     probe.compress.<model|compressed>.seq_avg                                    probe/compress.json
     icl.<plain|eos|tuned|ar_lsq|lsq|gd1>.i<N>   icl.<plain|eos|tuned>.falls      icl_eval_*.json
     icl_continual.<plain|eos|tuned>.i<N>   icl_continual.<...>.rebounds        icl_eval_*_continual.json
@@ -254,6 +256,9 @@ _RULES: list[tuple[str, Callable[[re.Match], tuple[str, Callable[[Path], Reading
         m[1], lambda r: _at(pick(r["per_position_loss"], PROP2_KEYS[m[2]]), m[3])))),
     (rf"solver\.(prop2|prop2_authors)\.(concat|mlp|naive)\.{_POS}", lambda m: (f"solver:{m[1]}", _probe_reader(
         m[1], lambda r: _at(variant_curve(r, m[2]), m[3]), SOLVER_DIR))),
+    (rf"(probe|solver)\.prop2_best(_authors)?\.{_POS}", lambda m: (f"{m[1]}:prop2_best", _probe_reader(
+        "prop2_best", lambda r: _at(r["per_position_loss"]["authors" if m[2] else "ours"], m[3]),
+        PROBE_DIR if m[1] == "probe" else SOLVER_DIR))),
     (r"probe\.compress\.(model|compressed)\.seq_avg", lambda m: ("probe:compress", _probe_reader(
         "compress", lambda r: _at(pick(r["per_position_loss"], COMPRESS_KEYS[m[1]]), "seq_avg")))),
     (r"icl\.(plain|eos|tuned|ar_lsq|lsq|gd1)\.(i\d+)", lambda m: ("icl", _icl_reader(m[1], m[2], False))),
@@ -265,7 +270,8 @@ _RULES: list[tuple[str, Callable[[re.Match], tuple[str, Callable[[Path], Reading
 BOOLEAN_SUFFIXES = (".falls", ".rebounds")
 # a metric -> the same metric on the authors' test sequences (``tasks.authors_test_batches``), by name prefix
 AUTHORS_TWINS = {"eval.": "eval_authors.", "probe.prop2.": "probe.prop2_authors.",
-                 "solver.prop2.": "solver.prop2_authors.", "probe.target.": "probe_authors.target.",
+                 "solver.prop2.": "solver.prop2_authors.", "probe.prop2_best.": "probe.prop2_best_authors.",
+                 "solver.prop2_best.": "solver.prop2_best_authors.", "probe.target.": "probe_authors.target.",
                  "probe.precond.": "probe_authors.precond.", "probe.current.": "probe_authors.current."}
 
 

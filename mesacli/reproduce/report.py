@@ -47,13 +47,19 @@ def _position_figure(rows: list[EntryStatus], results_dir: Path, path: Path, fig
     from mesacli import plots
 
     curves, points, dashed = {}, {}, []
-    pattern = r"(eval|probe\.prop2|solver\.prop2)\.(?:(gd1|ridge|chebyshev|model|concat|mlp|naive)\.)?(t\d+|seq_avg)"
+    pattern = (r"(eval|probe\.prop2|solver\.prop2|probe\.prop2_best)\."
+               r"(?:(gd1|ridge|chebyshev|model|concat|mlp|naive)\.)?(t\d+|seq_avg)")
     for e, (source, variant, position) in _matching(rows, pattern):
         run_dir = Path(results_dir) / e.spec
         if source == "solver.prop2":  # a model-free record (solver/prop2.json)
             record = metrics.probe_record(run_dir, "prop2", SOLVER_DIR)
             name = f"Prop-2 {variant} ({e.spec})"
             curve = record and variant in record.get("variants", {}) and metrics.variant_curve(record, variant)
+            dashed.append(name)
+        elif source == "probe.prop2_best":  # the best k-step solver in closed form (probe/prop2_best.json)
+            record = metrics.probe_record(run_dir, "prop2_best")
+            name = f"best {record['k'] if record else 'k'}-step solver ({e.spec})"
+            curve = record and record["per_position_loss"].get("ours")
             dashed.append(name)
         elif source == "eval":
             record = metrics.latest_eval_record(run_dir)
