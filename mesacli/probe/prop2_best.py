@@ -98,8 +98,7 @@ def _learned_chebyshev(ctx: RunContext, k: int) -> dict | None:
         return None
     record = json.loads(path.read_text())
     chebyshev = record.get("learned", {}).get("chebyshev")
-    curve = next((c for name, c in record.get("per_position_loss", {}).items()
-                  if name.startswith(f"Chebyshev k={k} (learned")), None)
+    curve = record.get("per_position_loss", {}).get(solvers.learned_curve_name(k))
     if record.get("k") != k or not chebyshev or curve is None:
         return None
     return {"alpha": chebyshev["alpha"], "beta": chebyshev["beta"], "curve": curve, "seq_avg": float(np.mean(curve)),

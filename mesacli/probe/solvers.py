@@ -232,18 +232,17 @@ def prop2_predictions(obs_BTS: jax.Array, alphas, betas, lam: float = LAMBDA_TRA
 # no k-step Chebyshev or Neumann solver with the same pairs and lambda does better on the data it is fitted on.
 # Basis: the shifted Chebyshev polynomials P_j(u) = T_j(2u - 1), well conditioned on the spectrum (0, 1] of A'.
 
-def polynomial_basis_predictions(obs_BTS, k: int, lam: float = LAMBDA_TRAIN, features_BTF=None,
-                                 current_pair: bool = False) -> np.ndarray:
-    """[B, T, n_s, k + 1] (float64): Y X^T P_j(A'_t) phi_t / ||A_t||_F for j = 0 .. k, over prop2_predictions'
-    pairs.  The solver p = sum_j c_j P_j predicts this array times c."""
+def polynomial_basis_predictions(obs_BTS, k: int, lam: float = LAMBDA_TRAIN, current_pair: bool = False
+                                 ) -> np.ndarray:
+    """[B, T, n_s, k + 1] (float64): Y X^T P_j(A'_t) s_t / ||A_t||_F for j = 0 .. k, over prop2_predictions'
+    pairs (raw features).  The solver p = sum_j c_j P_j predicts this array times c."""
     obs = np.asarray(obs_BTS, np.float64)
-    phi = obs if features_BTF is None else np.asarray(features_BTF, np.float64)
-    x, causal, matvec, norm = _pair_system(phi, lam, current_pair, np)
+    x, causal, matvec, norm = _pair_system(obs, lam, current_pair, np)
 
     def shifted(u):  # (2 A' - I) u
         return 2 * matvec(u) / norm - u
 
-    z = [phi, shifted(phi)][:k + 1]  # P_0 phi, P_1 phi, then P_{j+1} = 2 (2A' - I) P_j - P_{j-1}
+    z = [obs, shifted(obs)][:k + 1]  # P_0 s, P_1 s, then P_{j+1} = 2 (2A' - I) P_j - P_{j-1}
     while len(z) < k + 1:
         z.append(2 * shifted(z[-1]) - z[-2])
     return np.stack([_read_out(z_j / norm, x, causal, obs, np) for z_j in z], axis=-1)
@@ -268,12 +267,11 @@ def chebyshev_polynomial(alphas: Sequence[float], betas: Sequence[float]) -> np.
     with these alpha/beta), length k + 1."""
     from numpy.polynomial import Polynomial, chebyshev
 
-    one, u = Polynomial([1.0]), Polynomial([0.0, 1.0])
-    x = x_prev = term = one
-    for alpha, beta in zip(alphas, betas, strict=True):
-        term = term * (one - alpha * u)
-        x, x_prev = x + term + beta * (x - x_prev), x
-    in_w = x(Polynomial([0.5, 0.5]))  # p(u) as a polynomial in w = 2u - 1
+    if len(alphas) != len(betas):
+        raise ValueError(f"{len(alphas)} alphas but {len(betas)} betas")
+    u = Polynomial([0.0, 1.0])  # chebyshev_solve's recursion on polynomials in u = A' (A' v -> u p, ||A||_F = 1)
+    p = chebyshev_solve(lambda q: q * u, 1.0, Polynomial([1.0]), alphas, betas)
+    in_w = p(Polynomial([0.5, 0.5]))  # p(u) as a polynomial in w = 2u - 1
     coefficients = np.zeros(len(alphas) + 1)
     found = chebyshev.poly2cheb(in_w.coef)
     coefficients[:len(found)] = found
@@ -453,6 +451,11 @@ def _curves_and_cosines(ctx, spec, batches, preds: dict, curves: dict, title: st
     return cosines
 
 
+def learned_curve_name(k: int) -> str:
+    """The learned k-step Chebyshev solver's curve name in the prop2 records of the fully observed tasks."""
+    return f"Chebyshev k={k} (learned alpha, beta)"
+
+
 def raw_predictions(batches: list[tasks.Batch], k: int, learned: tuple | None, lam: float, eta: float
                     ) -> dict[str, list[np.ndarray]]:
     """The fully observed task's solvers on s_t, by curve name: GD-1 with step ``eta``, k Neumann steps, k
@@ -462,7 +465,7 @@ def raw_predictions(batches: list[tasks.Batch], k: int, learned: tuple | None, l
     preds = {f"GD-1 (eta={eta:.4f}, line-searched)": [baselines.gd1_predictions(o, eta) for o in obs],
              f"Neumann k={k} (alpha=1)": solver_predictions(batches, [1.0] * k, [0.0] * k, lam)}
     if learned is not None:
-        preds[f"Chebyshev k={k} (learned alpha, beta)"] = solver_predictions(batches, *learned, lam)
+        preds[learned_curve_name(k)] = solver_predictions(batches, *learned, lam)
     if k == 6:
         preds["Chebyshev k=6 (paper's alpha, beta)"] = solver_predictions(batches, *PAPER_CHEBYSHEV_LINEAR, lam)
     preds[f"exact ridge LSQ (lam={lam:g})"] = [ridge_pair_predictions(o, lam) for o in obs]

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mesacli.errors import MesaError
+from mesacli.probe import prop2_best
 from mesacli.probe.common import LSTSQ_CUTOFF
 from mesacli.rundir import PROBE_DIR, SOLVER_DIR, eval_record_steps
 
@@ -257,7 +258,7 @@ _RULES: list[tuple[str, Callable[[re.Match], tuple[str, Callable[[Path], Reading
     (rf"solver\.(prop2|prop2_authors)\.(concat|mlp|naive)\.{_POS}", lambda m: (f"solver:{m[1]}", _probe_reader(
         m[1], lambda r: _at(variant_curve(r, m[2]), m[3]), SOLVER_DIR))),
     (rf"(probe|solver)\.prop2_best(_authors)?\.{_POS}", lambda m: (f"{m[1]}:prop2_best", _probe_reader(
-        "prop2_best", lambda r: _at(r["per_position_loss"]["authors" if m[2] else "ours"], m[3]),
+        "prop2_best", lambda r: _at(r["per_position_loss"][prop2_best.AUTHORS if m[2] else prop2_best.OURS], m[3]),
         PROBE_DIR if m[1] == "probe" else SOLVER_DIR))),
     (r"probe\.compress\.(model|compressed)\.seq_avg", lambda m: ("probe:compress", _probe_reader(
         "compress", lambda r: _at(pick(r["per_position_loss"], COMPRESS_KEYS[m[1]]), "seq_avg")))),
